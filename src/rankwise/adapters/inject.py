@@ -1,0 +1,182 @@
+"""Attaching low-rank experts to a model: target selection, injection, merge, removal.
+
+Injection is one explicit call that swaps each targeted ``nn.Linear`` for a ``LowRankExperts``
+wrapping it and returns the names it replaced; nothing is patched behind the user's back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from rankwise.adapters.init import INIT_SCHEMES
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.errors import RankwiseError
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """A plain LoRA adapter's settings, named as in PEFT's ``LoraConfig``."""
+
+    r: int = 16  # rank of every adapted module unless rank_pattern says otherwise
+    lora_alpha: float = 32.0  # scaling numerator: s = alpha / r (or alpha / sqrt(r) with rsLoRA)
+    # module names (matched as the name or a dotted suffix of it), one regex matched against the
+    # whole name, or "all-linear" (every linear layer except the output head)
+    target_modules: list[str] | str = ALL_LINEAR
+    lora_dropout: float = 0.0  # dropout on the adapter's input, training only
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732)
+    init: str = "init_a"  # init scheme name: init_a (default), init_b, gaussian
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name pattern -> rank
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name pattern -> alpha
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or any(r < 1 for r in self.rank_pattern.values()):
+            raise RankwiseError("LoRA rank must be a positive integer")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise RankwiseError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.init not in INIT_SCHEMES:
+            raise RankwiseError(
+                f"unknown init '{self.init}': choose one of {', '.join(sorted(INIT_SCHEMES))}"
+            )
+
+    def expert_for(self, module_name: str) -> ExpertSpec:
+        """The expert spec for one module, with rank and alpha patterns applied."""
+        rank_key = pattern_key(self.rank_pattern, module_name)
+        alpha_key = pattern_key(self.alpha_pattern, module_name)
+        return ExpertSpec(
+            rank=self.rank_pattern[rank_key] if rank_key else self.r,
+            alpha=self.alpha_pattern[alpha_key] if alpha_key else self.lora_alpha,
+            use_rslora=self.use_rslora,
+            dropout=self.lora_dropout,
+            init=self.init,
+        )
+
+
+def pattern_key(patterns: Iterable[str], module_name: str) -> str | None:
+    """The first pattern that matches the module name's end at a dot boundary (PEFT's rule)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Linear layers adapters can target: every ``nn.Linear`` but the output head.
+
+    Linears already wrapped by ``LowRankExperts`` count under the wrapper's name.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankExperts):
+            found[name] = module.base
+        elif isinstance(module, nn.Linear) and module is not head and name not in found:
+            parent = name.rpartition(".")[0]
+            if parent not in found:  # skip the ``base`` inside a wrapper
+                found[name] = module
+    return found
+
+
+def select_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
+    """Names of the linear layers that ``target_modules`` selects; unknown names are an error."""
+    available = adaptable_modules(model)
+    if target_modules == ALL_LINEAR:
+        return list(available)
+    if isinstance(target_modules, str):
+        chosen = [n for n in available if re.fullmatch(target_modules, n)]
+        unmatched = [] if chosen else [target_modules]
+    else:
+        chosen = [
+            n for n in available if any(n == t or n.endswith("." + t) for t in target_modules)
+        ]
+        unmatched = [
+            t for t in target_modules if not any(n == t or n.endswith("." + t) for n in chosen)
+        ]
+    if unmatched or not chosen:
+        raise RankwiseError(
+            f"target modules {unmatched or target_modules} match no linear layer of the model; "
+            f"available: {', '.join(module_kinds(available))}"
+        )
+    return chosen
+
+
+def module_kinds(modules: Iterable[str]) -> list[str]:
+    """The distinct last components of module names (q_proj, up_proj, ...), in model order."""
+    return list(dict.fromkeys(name.rpartition(".")[2] for name in modules))
+
+
+def inject_experts(
+    model: nn.Module, experts: Mapping[str, Sequence[ExpertSpec]]
+) -> dict[str, LowRankExperts]:
+    """Replace each named linear layer by a ``LowRankExperts`` holding the given experts.
+
+    Freezes every base parameter of the model first; returns the new layers by name.
+    """
+    available = adaptable_modules(model)
+    model.requires_grad_(False)
+    layers: dict[str, LowRankExperts] = {}
+    for name, specs in experts.items():
+        if name not in available:
+            raise RankwiseError(f"the model has no linear layer named '{name}'")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        current = getattr(parent, child)
+        if isinstance(current, LowRankExperts):
+            raise RankwiseError(f"'{name}' already holds adapters; call remove_experts first")
+        layers[name] = LowRankExperts(current, specs)
+        setattr(parent, child, layers[name])
+    return layers
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig) -> dict[str, LowRankExperts]:
+    """Attach one fresh LoRA adapter (one expert per targeted module) as ``config`` says."""
+    names = select_targets(model, config.target_modules)
+    return inject_experts(model, {name: [config.expert_for(name)] for name in names})
+
+
+def expert_layers(model: nn.Module) -> dict[str, LowRankExperts]:
+    """Every ``LowRankExperts`` layer of the model by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankExperts)}
+
+
+def remove_experts(model: nn.Module) -> dict[str, LowRankExperts]:
+    """Put the original linear layers back (unmerging first); returns the removed layers."""
+    removed = expert_layers(model)
+    for name, layer in removed.items():
+        if layer.merged:
+            layer.unmerge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base)
+    return removed
+
+
+def merge_experts(model: nn.Module) -> None:
+    """Fold every layer's static-gated update into its base weight (an explicit call)."""
+    for layer in expert_layers(model).values():
+        layer.merge()
+
+
+def unmerge_experts(model: nn.Module) -> None:
+    """Undo ``merge_experts``."""
+    for layer in expert_layers(model).values():
+        layer.unmerge()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def describe_trainable(model: nn.Module) -> str:
+    """One line in PEFT's wording: trainable params, all params and the trainable share."""
+    trainable, total = count_parameters(model)
+    return (
+        f"trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )

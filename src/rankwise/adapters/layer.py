@@ -1,0 +1,176 @@
+"""The low-rank experts layer: one frozen linear map plus a stack of LoRA experts.
+
+    y = W x + b + sum_e g_e(x) * s_e * B_e (A_e (drop_e(x)))
+
+Every method in rankwise is this computation with a different gate rule: plain LoRA is one
+expert with g = 1, serving picks one expert per request, routers produce per-token gates and
+merging collapses experts offline. The experts' factors are stored concatenated along the rank
+axis (``lora_A``: [R, in], ``lora_B``: [out, R] with R = sum of ranks), so the whole stack costs
+two matrix products whatever E is, and B_e A_e is never formed per token: gates and scalings are
+applied in the R-dimensional rank space between the two products.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankwise.adapters.init import init_experts
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One expert's shape and scale: rank r, alpha, rsLoRA scaling, dropout and init scheme."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+    dropout: float = 0.0
+    init: str = "init_a"
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA, arXiv 2312.03732); 0 for rank 0."""
+        if self.rank == 0:  # an absent expert (a module one of several adapters leaves out)
+            return 0.0
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+class LowRankExperts(nn.Module):
+    """Wraps an ``nn.Linear`` (kept frozen as ``base``) with E low-rank experts.
+
+    The low-rank term is computed by ``policy(layer, x, gates)``, a module that decides how the
+    experts combine. The default ``WeightedSum`` takes its gates from, in order: the ``gates``
+    argument of ``forward`` (a tensor [..., E] per token, or [E]), else ``expert_weights`` (a
+    static buffer [E], ones by default: a plain sum). Routers (per-token gates from x) and the
+    serving engine (one adapter per sequence) are other policies over the same factors.
+    """
+
+    def __init__(
+        self, base: nn.Linear, experts: Sequence[ExpertSpec], policy: nn.Module | None = None
+    ):
+        super().__init__()
+        if not experts:
+            raise ValueError("LowRankExperts needs at least one expert")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.experts = tuple(experts)
+        ranks = [e.rank for e in self.experts]
+        total = sum(ranks)
+        factory = {"device": base.weight.device, "dtype": torch.float32}
+        if base.weight.dtype in (torch.float32, torch.float64):
+            factory["dtype"] = base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(total, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, total, **factory))
+        init_experts(self)
+        # Per-rank bookkeeping: which expert owns each rank, and its scaling s_e.
+        owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
+        scale = torch.tensor([e.scaling for e in self.experts], dtype=torch.float32)[owner]
+        self.register_buffer("rank_owner", owner.to(base.weight.device), persistent=False)
+        self.register_buffer("rank_scaling", scale.to(**factory), persistent=False)
+        self.register_buffer("expert_weights", torch.ones(len(ranks), **factory), persistent=False)
+        # Dropout acts on the input of A; consecutive experts with equal rates share one draw,
+        # so the usual case (one rate for all) is exactly two matrix products.
+        runs: list[tuple[float, int, int]] = []  # (rate, first rank, end rank)
+        start = 0
+        for expert in self.experts:
+            if runs and runs[-1][0] == expert.dropout:
+                runs[-1] = (expert.dropout, runs[-1][1], start + expert.rank)
+            else:
+                runs.append((expert.dropout, start, start + expert.rank))
+            start += expert.rank
+        self.dropout_runs = nn.ModuleList(
+            nn.Dropout(rate) if rate > 0 else nn.Identity() for rate, _, _ in runs
+        )
+        self.run_slices = [slice(first, end) for _, first, end in runs]
+        self.merged = False
+        # How the experts' outputs combine; routers and the serving engine swap in their own.
+        self.policy = policy if policy is not None else WeightedSum()
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def ranks(self) -> list[int]:
+        return [e.rank for e in self.experts]
+
+    def expert_slice(self, e: int) -> slice:
+        """The rows of ``lora_A`` (columns of ``lora_B``) that hold expert e."""
+        start = sum(self.ranks[:e])
+        return slice(start, start + self.ranks[e])
+
+    def expert_factors(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (A [r, in], B [out, r]) as views into the concatenated factors."""
+        rows = self.expert_slice(e)
+        return self.lora_A[rows], self.lora_B[:, rows]
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters this layer declares (one source for freezing and saving)."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.policy(self, x.to(self.lora_A.dtype), gates).to(y.dtype)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """x A^T for all experts at once, one product per dropout run (usually one). (..., R)"""
+        parts = [
+            drop(x) @ self.lora_A[rows].T
+            for drop, rows in zip(self.dropout_runs, self.run_slices, strict=True)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def up(self, h: torch.Tensor) -> torch.Tensor:
+        """h B^T from rank space to the output. (..., R) -> (..., out)"""
+        return h @ self.lora_B.T
+
+    def rank_gate(self, gates: torch.Tensor | None) -> torch.Tensor:
+        """Per-rank multiplier g_e * s_e, shape [R] or [..., R] for per-token gates."""
+        if gates is None:
+            return self.expert_weights[self.rank_owner] * self.rank_scaling
+        return gates.to(self.rank_scaling.dtype)[..., self.rank_owner] * self.rank_scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update sum_e w_e s_e B_e A_e with the static expert weights, [out, in]."""
+        return (self.lora_B * self.rank_gate(None)) @ self.lora_A
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the static-gated update into ``base.weight``; forward then skips the experts."""
+        if self.merged:
+            raise RuntimeError("adapter is already merged")
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update that ``merge`` added, recomputed bit for bit from the factors.
+
+        Restores W to within float rounding of W itself (about 1e-7 relative in fp32).
+        """
+        if not self.merged:
+            raise RuntimeError("adapter is not merged")
+        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.base.in_features}, out={self.base.out_features}, ranks={self.ranks}, "
+            f"scalings={[round(e.scaling, 4) for e in self.experts]}"
+        )
+
+
+class WeightedSum(nn.Module):
+    """The default policy: sum_e g_e s_e B_e A_e x with gates applied in rank space."""
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+    ) -> torch.Tensor:
+        return layer.up(layer.down(x) * layer.rank_gate(gates))

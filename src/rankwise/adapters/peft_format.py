@@ -1,0 +1,289 @@
+"""PEFT's adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor names are PEFT's: ``base_model.model.<module>.lora_A.weight`` ([r, in]) and
+``...lora_B.weight`` ([out, r]), so adapters written here load in PEFT, vLLM and llama.cpp's
+converter, and PEFT adapters load here. Only safetensors are read: pickle files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rankwise.adapters.inject import (
+    adaptable_modules,
+    expert_layers,
+    inject_experts,
+    module_kinds,
+    pattern_key,
+)
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.errors import RankwiseError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PREFIX = "base_model.model."
+KEY = re.compile(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight$")
+# PEFT options that change the computation in ways plain LoRA does not model.
+UNSUPPORTED = {
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "bias": "none",
+    "modules_to_save": None,
+    "layers_to_transform": None,
+}
+
+
+@dataclass
+class LoraWeights:
+    """One LoRA adapter in memory: per-module factors and scales, independent of any model."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r, in], B [out, r])
+    alphas: dict[str, float]  # module -> alpha
+    use_rslora: bool = False
+    dropout: float = 0.0
+    base_model: str | None = None
+
+    def rank(self, module: str) -> int:
+        return self.factors[module][0].shape[0]
+
+    def expert(self, module: str) -> ExpertSpec:
+        """This adapter's expert spec for one module."""
+        return ExpertSpec(self.rank(module), self.alphas[module], self.use_rslora, self.dropout)
+
+    def scaling(self, module: str) -> float:
+        return self.expert(module).scaling
+
+    def delta(self, module: str) -> torch.Tensor:
+        """The dense update s B A of one module, [out, in]."""
+        a, b = self.factors[module]
+        return self.scaling(module) * (b @ a)
+
+
+def read_adapter(path: str | os.PathLike) -> LoraWeights:
+    """Read a PEFT-format LoRA adapter folder; every problem is a one-sentence ``RankwiseError``."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise RankwiseError(f"adapter folder '{folder}' does not exist")
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickled = [name for name in PICKLE_FILES if (folder / name).is_file()]
+        if pickled:
+            raise RankwiseError(
+                f"'{folder / pickled[0]}' is a pickle file, which rankwise never loads (it can run "
+                "code); convert it where you trust it: PeftModel.from_pretrained(...)"
+                ".save_pretrained(out, safe_serialization=True)"
+            )
+        raise RankwiseError(f"adapter folder '{folder}' has no {WEIGHTS_FILE}")
+    if not config_path.is_file():
+        raise RankwiseError(f"adapter folder '{folder}' has no {CONFIG_FILE}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RankwiseError(f"'{config_path}' is not valid JSON: {err}") from err
+    check_supported(config, config_path)
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RankwiseError(
+            f"'{weights_path}' is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from err
+    return weights_from_tensors(tensors, config, weights_path)
+
+
+def check_supported(config: dict, config_path: Path) -> None:
+    """Refuse adapter types and options that plain LoRA would silently get wrong."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise RankwiseError(f"'{config_path}' is a {config['peft_type']} adapter, not LoRA")
+    for option, plain in UNSUPPORTED.items():
+        if config.get(option, plain) not in (plain, [], {}):
+            raise RankwiseError(
+                f"'{config_path}' sets {option}={config[option]!r}, which rankwise does not support"
+            )
+
+
+def weights_from_tensors(
+    tensors: dict[str, torch.Tensor], config: dict, source: Path
+) -> LoraWeights:
+    """Pair PEFT's A/B tensors per module and attach the alphas the config assigns."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = KEY.match(key)
+        if match is None:
+            raise RankwiseError(f"'{source}' holds tensor '{key}', which is not a LoRA A/B weight")
+        pairs.setdefault(match[1], {})[match[2]] = tensor
+    factors = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise RankwiseError(f"'{source}' has lora_{set('AB') - set(pair)} missing for {module}")
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise RankwiseError(
+                f"'{source}': {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, "
+                "which do not form a low-rank pair"
+            )
+        factors[module] = (a, b)
+    if not factors:
+        raise RankwiseError(f"'{source}' holds no LoRA weights")
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alphas = {}
+    for module in factors:
+        key = pattern_key(alpha_pattern, module)
+        alphas[module] = float(alpha_pattern[key] if key else config.get("lora_alpha", 8))
+    return LoraWeights(
+        factors=factors,
+        alphas=alphas,
+        use_rslora=bool(config.get("use_rslora", False)),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        base_model=config.get("base_model_name_or_path"),
+    )
+
+
+def write_adapter(weights: LoraWeights, path: str | os.PathLike) -> Path:
+    """Write ``weights`` as a PEFT adapter folder; files are replaced atomically."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (a, b) in weights.factors.items():
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.detach().contiguous().cpu()
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    text = json.dumps(peft_config(weights), indent=2, sort_keys=True)
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return folder
+
+
+def atomic_write(target: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``target``, then rename it over."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def peft_config(weights: LoraWeights) -> dict:
+    """PEFT's ``adapter_config.json`` fields for these weights.
+
+    r and lora_alpha are the most common values; modules that differ are listed by full name in
+    rank_pattern / alpha_pattern (PEFT matches a pattern at the end of a dotted name).
+    """
+    modules = list(weights.factors)
+    ranks = {m: weights.rank(m) for m in modules}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(weights.alphas.values()).most_common(1)[0][0]
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": weights.base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+        "alpha_pattern": {m: a for m, a in weights.alphas.items() if a != alpha},
+        "target_modules": modules,
+        "use_rslora": weights.use_rslora,
+        "lora_dropout": weights.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def check_compatible(model: nn.Module, weights: LoraWeights, source: str = "adapter") -> None:
+    """Raise naming the module and both shapes if ``weights`` do not fit the model's layers."""
+    available = adaptable_modules(model)
+    for module, (a, b) in weights.factors.items():
+        if module not in available:
+            raise RankwiseError(
+                f"{source} targets '{module}', which this model does not have "
+                f"(its linear layers are {', '.join(module_kinds(available))}); "
+                f"was it trained for another base model ({weights.base_model})?"
+            )
+        linear = available[module]
+        expected_a = [a.shape[0], linear.in_features]
+        expected_b = [linear.out_features, b.shape[1]]
+        if list(a.shape) != expected_a or list(b.shape) != expected_b:
+            raise RankwiseError(
+                f"{source} does not fit this model at '{module}': lora_A {list(a.shape)} and "
+                f"lora_B {list(b.shape)}, but the layer needs {expected_a} and {expected_b} "
+                f"(weight {[linear.out_features, linear.in_features]}); "
+                f"it was trained for {weights.base_model or 'another base model'}"
+            )
+
+
+@torch.no_grad()
+def attach_adapters(
+    model: nn.Module, adapters: Sequence[LoraWeights], names: Sequence[str] | None = None
+) -> dict[str, LowRankExperts]:
+    """Inject the adapters as experts 0..N-1 of each layer they touch.
+
+    A module some adapter leaves out gets a rank-0 expert there, so expert e is adapter e in every
+    layer.
+    """
+    for i, weights in enumerate(adapters):
+        check_compatible(model, weights, f"adapter {names[i] if names else i}")
+    modules = list(dict.fromkeys(m for w in adapters for m in w.factors))
+    specs = {
+        m: [w.expert(m) if m in w.factors else ExpertSpec(0, 1.0) for w in adapters]
+        for m in modules
+    }
+    layers = inject_experts(model, specs)
+    for module, layer in layers.items():
+        for e, weights in enumerate(adapters):
+            if module in weights.factors:
+                a, b = layer.expert_factors(e)
+                a.copy_(weights.factors[module][0])
+                b.copy_(weights.factors[module][1])
+    return layers
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, LowRankExperts]:
+    """Read a PEFT adapter folder and attach it to the model as a single expert per module."""
+    return attach_adapters(model, [read_adapter(path)], [str(path)])
+
+
+def weights_from_model(
+    model: nn.Module, expert: int = 0, base_model: str | None = None
+) -> LoraWeights:
+    """Copy one expert out of every adapted layer of a model as standalone weights."""
+    layers = expert_layers(model)
+    if not layers:
+        raise RankwiseError("the model has no adapters to save")
+    factors, alphas, rslora, dropouts = {}, {}, set(), set()
+    for name, layer in layers.items():
+        spec = layer.experts[expert]
+        if spec.rank == 0:
+            continue
+        a, b = layer.expert_factors(expert)
+        factors[name] = (a.detach().clone(), b.detach().clone())
+        alphas[name] = spec.alpha
+        rslora.add(spec.use_rslora)
+        dropouts.add(spec.dropout)
+    if len(rslora) > 1:
+        raise RankwiseError("PEFT's format needs one use_rslora setting for the whole adapter")
+    return LoraWeights(factors, alphas, rslora.pop(), max(dropouts), base_model)
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, base_model: str | None = None, expert: int = 0
+) -> Path:
+    """Save one expert of the model's adapters as a PEFT adapter folder."""
+    return write_adapter(weights_from_model(model, expert, base_model), path)

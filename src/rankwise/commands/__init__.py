@@ -1,0 +1,1 @@
+"""One module per ``rankwise`` verb; ``rankwise.cli.COMMANDS`` lists them."""
