@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
-def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0, hidden: int = 32, layers: int = 2, init_range: float = 0.02
+) -> LlamaForCausalLM:
     """A randomly initialised Llama small enough for unit tests (fp32, eval mode, frozen)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -18,8 +23,28 @@ def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCaus
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
+        initializer_range=init_range,
     )
     return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def save_tiny_model(folder: Path, seed: int = 0, init_range: float = 0.02) -> Path:
+    """Save ``tiny_llama(seed)`` with a word-level tokenizer ("w0".."w124") as an HF folder."""
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *[f"w{i}" for i in range(125)]])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tiny_llama(seed, init_range=init_range).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A tiny random Llama saved as a Hugging Face folder."""
+    return save_tiny_model(tmp_path / "tiny")
 
 
 @pytest.fixture

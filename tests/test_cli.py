@@ -4,26 +4,9 @@ from __future__ import annotations
 
 import pytest
 from conftest import tiny_llama
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from rankwise.adapters import LoraConfig, inject_adapter, save_adapter
 from rankwise.cli import main
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    """A tiny random Llama saved as a Hugging Face folder with a word-level tokenizer."""
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *[f"w{i}" for i in range(125)]])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    folder = tmp_path / "tiny"
-    tiny_llama().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_info_lists_modules(model_dir, capsys):

@@ -1,0 +1,212 @@
+"""The training loop on a tiny model: learning, exact resume after a kill, NaN stop, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import save_tiny_model
+from safetensors.torch import load_file, save_file
+
+from rankwise.adapters import read_adapter
+from rankwise.errors import RankwiseError
+from rankwise.train import TrainConfig, from_mapping, train
+from rankwise.train import loop as loop_module
+from rankwise.train.checkpoint import list_checkpoints
+from rankwise.train.schedule import learning_rate
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A tiny model with larger initial weights, so a few LoRA steps visibly lower the loss."""
+    return save_tiny_model(tmp_path / "tiny", init_range=0.2)
+
+
+def write_data(folder: Path, n: int = 64) -> Path:
+    """Prompt/completion lines over the tiny tokenizer's words; the answer is the last word
+    followed by a fixed phrase (learnable by a tiny random model in a few steps)."""
+    gen = torch.Generator().manual_seed(0)
+    path = folder / "data.jsonl"
+    with path.open("w") as file:
+        for _ in range(n):
+            words = [f"w{int(i)}" for i in torch.randint(3, 60, (4,), generator=gen)]
+            record = {"prompt": " ".join(words), "completion": f"{words[-1]} w1 w2 w9"}
+            file.write(json.dumps(record) + "\n")
+    return path
+
+
+def config(model_dir: Path, tmp_path: Path, **overrides) -> TrainConfig:
+    values = dict(
+        model=str(model_dir),
+        data=str(write_data(tmp_path)),
+        output_dir=str(tmp_path / "run"),
+        r=4,
+        lora_alpha=8,
+        max_steps=8,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        save_every=2,
+        keep_last=2,
+        log_every=1,
+        eval_every=0,
+        seq_len=32,
+    )
+    return from_mapping({**values, **overrides})
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: Path, b: Path, tolerance: float = 1e-6) -> None:
+    first, second = adapter_tensors(a), adapter_tensors(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert (first[key] - second[key]).abs().max() < tolerance, key
+
+
+def test_training_learns_and_writes_everything(model_dir, tmp_path):
+    result = train(config(model_dir, tmp_path, max_steps=30))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in lines if "loss" in m]
+    assert losses[-1] < 0.7 * losses[0]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    weights = read_adapter(tmp_path / "run")
+    assert len(weights.factors) == 14 and result.steps == 30
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000028", "step-000030"]
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(model_dir, tmp_path, monkeypatch):
+    train(config(model_dir, tmp_path, output_dir=str(tmp_path / "full"), lora_dropout=0.1))
+    broken = config(model_dir, tmp_path, output_dir=str(tmp_path / "cut"), lora_dropout=0.1)
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step_then_interrupt(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # Ctrl-C during step 6: checkpoints 2 and 4 exist
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(broken)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert list_checkpoints(tmp_path / "cut")[-1].name == "step-000004"
+    with pytest.raises(RankwiseError, match="--resume"):
+        train(broken)
+    train(broken, resume=True)
+    assert_same_adapter(tmp_path / "full", tmp_path / "cut")
+
+
+def test_kill_9_then_resume(model_dir, tmp_path):
+    cfg = config(model_dir, tmp_path)
+    command = [
+        sys.executable,
+        "-m",
+        "rankwise.cli",
+        "train",
+        f"--model={cfg.model}",
+        f"--data={cfg.data}",
+        "--r=4",
+        "--lora-alpha=8",
+        "--batch-size=4",
+        "--lr=1e-3",
+        "--save-every=5",
+        "--seq-len=32",
+        "--eval-every=0",
+        "--max-steps=200",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*command, f"--output-dir={killed}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while len(list_checkpoints(killed)) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list_checkpoints(killed)
+    subprocess.run(
+        [*command, f"--output-dir={killed}", "--resume"], env=env, check=True, capture_output=True
+    )
+    subprocess.run(
+        [*command, f"--output-dir={tmp_path / 'whole'}"], env=env, check=True, capture_output=True
+    )
+    assert_same_adapter(killed, tmp_path / "whole")
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(model_dir, tmp_path, monkeypatch):
+    real = loop_module.summed_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        return real(model, batch) * (float("nan") if calls["n"] >= 5 else 1.0)
+
+    monkeypatch.setattr(loop_module, "summed_loss", poisoned)
+    with pytest.raises(RankwiseError, match=r"loss became nan at step 5.*step-000004"):
+        train(config(model_dir, tmp_path))
+    assert list_checkpoints(tmp_path / "run")[-1].name == "step-000004"
+
+
+def test_config_rejects_unknown_keys_and_bad_values(model_dir, tmp_path):
+    with pytest.raises(RankwiseError, match="unknown config keys \\['rank'\\]"):
+        from_mapping({"rank": 4})
+    with pytest.raises(RankwiseError, match="schedule"):
+        from_mapping({"schedule": "exponential"})
+
+
+def test_schedule_warms_up_then_decays():
+    lrs = [learning_rate(s, 1.0, 10, 100, "cosine") for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[-1] < 0.01
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert learning_rate(50, 1.0, 10, 100, "linear") == pytest.approx(1 - 40 / 90)
+
+
+def distributed_worker(rank: int, world: int, port: int, model_dir: str, tmp: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    cfg = config(Path(model_dir), Path(tmp), output_dir=str(Path(tmp) / "ddp"), batch_size=2)
+    result = train(cfg)
+    held = {n: p.detach() for n, p in result.model.named_parameters() if p.requires_grad}
+    save_file(held, str(Path(tmp) / f"rank{rank}.safetensors"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_match_one_with_the_same_global_batch(model_dir, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(distributed_worker, args=(2, port, str(model_dir), str(tmp_path)), nprocs=2)
+    rank0, rank1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    train(config(model_dir, tmp_path, output_dir=str(tmp_path / "single"), batch_size=4))
+    # Same gradients up to float summation order; Adam's normalisation magnifies such last-bit
+    # differences in near-zero gradients, hence a looser tolerance than for resume.
+    assert_same_adapter(tmp_path / "ddp", tmp_path / "single", tolerance=1e-4)
+    ddp = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(ddp, one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
