@@ -45,3 +45,88 @@ def test_debug_shows_the_traceback(model_dir):
 
     with pytest.raises(RankwiseError):
         main(["--debug", "info", "--model", "/no/such/model"])
+
+
+@pytest.mark.parametrize("name", ["task", "chat", "text"])
+def test_example_configs_are_valid(name):
+    from pathlib import Path
+
+    from rankwise.train.config import from_mapping, load_yaml
+
+    root = Path(__file__).resolve().parent.parent
+    config = from_mapping(load_yaml(root / "examples" / f"{name}.yaml"))
+    assert config.max_steps > 0
+
+
+def test_train_then_eval_from_the_command_line(model_dir, tmp_path, capsys):
+    import json
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"w{i} w5", "completion": "w7"}) + "\n" for i in range(3, 20))
+    )
+    out = tmp_path / "out"
+    common = ["--model", str(model_dir)]
+    assert (
+        main(
+            [
+                "train",
+                *common,
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--r",
+                "2",
+                "--target-modules",
+                "q_proj,v_proj",
+            ]
+        )
+        == 0
+    )
+    assert (out / "adapter_config.json").exists()
+    report = tmp_path / "r.json"
+    assert (
+        main(
+            [
+                "eval",
+                *common,
+                "--adapter",
+                str(out),
+                "--data",
+                str(data),
+                "--json",
+                str(report),
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert "exact match: all" in capsys.readouterr().out
+    assert json.loads(report.read_text())["exact_match"]["all"]["total"] == 17
+
+
+def test_malformed_data_line_is_named(model_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "w1", "completion": "w2"}\n{"prompt": "w1"\n')
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--max-steps",
+        "1",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "line 2" in err
+    assert main([*args, "--skip-bad-lines", "true"]) == 0
+    assert "1 malformed lines skipped" in capsys.readouterr().out

@@ -17,26 +17,27 @@ def exact_match(
     batch_size: int = 16,
     max_new_tokens: int = 32,
 ) -> dict[str, dict]:
-    """Per task (records' "task" key, else "all"): accuracy, counts and a few sample answers.
+    """Per task (records' "task" key, else "all"): accuracy, counts and every prediction.
 
     A prediction matches when it equals the completion after stripping whitespace.
     """
     answers = generate_batch(
         model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size
     )
-    tallies: dict[str, dict] = defaultdict(lambda: {"correct": 0, "total": 0, "samples": []})
+    tallies: dict[str, dict] = defaultdict(lambda: {"correct": 0, "total": 0, "predictions": []})
     for record, answer in zip(records, answers, strict=True):
         tally = tallies[record.get("task", "all")]
+        correct = answer.strip() == record["completion"].strip()
         tally["total"] += 1
-        tally["correct"] += answer.strip() == record["completion"].strip()
-        if len(tally["samples"]) < 3:
-            tally["samples"].append(
-                {
-                    "prompt": record["prompt"],
-                    "expected": record["completion"],
-                    "answer": answer.strip(),
-                }
-            )
+        tally["correct"] += correct
+        tally["predictions"].append(
+            {
+                "prompt": record["prompt"],
+                "expected": record["completion"],
+                "answer": answer.strip(),
+                "correct": correct,
+            }
+        )
     for tally in tallies.values():
         tally["accuracy"] = tally["correct"] / tally["total"]
     return dict(tallies)

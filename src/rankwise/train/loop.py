@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from rankwise.adapters import describe_trainable, expert_layers, inject_adapter, save_adapter
 from rankwise.data import IGNORE_INDEX, collate, encode_example, load_dataset_spec, pack_texts
@@ -38,6 +39,7 @@ class TrainResult:
     """What a finished run reports, with the trained model (adapters attached) for further use."""
 
     model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
     adapter_dir: Path
     steps: int
     final_loss: float
@@ -171,6 +173,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     metrics = MetricsLog(output / "metrics.jsonl", start_step) if world.is_main else None
     result = run_steps(
         model,
+        tokenizer,
         optimizer,
         params,
         examples,
@@ -180,7 +183,6 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         start_step,
         metrics,
         loaded.name,
-        tokenizer.pad_token_id,
     )
     if world.is_main:
         save_adapter(model, output, base_model=loaded.name)
@@ -199,6 +201,7 @@ def check_same_run(saved: dict, config: TrainConfig) -> None:
 
 def run_steps(
     model,
+    tokenizer,
     optimizer,
     params,
     examples,
@@ -208,10 +211,10 @@ def run_steps(
     start_step: int,
     metrics: MetricsLog | None,
     base_name: str,
-    pad_id: int,
 ) -> TrainResult:
     """Optimizer steps ``start_step`` .. ``max_steps`` with logging, validation and checkpoints."""
     model.train()
+    pad_id = tokenizer.pad_token_id
     micro = config.batch_size
     global_batch = micro * config.grad_accum * world.size
     bar = tqdm(
@@ -275,6 +278,7 @@ def run_steps(
     elapsed = time.perf_counter() - started
     return TrainResult(
         model,
+        tokenizer,
         config.output,
         config.max_steps,
         loss_value,

@@ -1,0 +1,210 @@
+"""Fine-tuning on the embedded model: per-task quality, and training speed against HF PEFT.
+
+    python bench/finetune.py quality [--tasks all] [--steps 200] [--out runs/task-adapters]
+    python bench/finetune.py speed [--steps 20]
+
+``quality`` trains one rank-16 adapter per built-in task (bf16 base, fp32 adapters) and reports
+the base model's and the adapter's exact match on the task's test split; the adapters stay in
+``--out/<task>`` for the merging and mixture benchmarks. ``speed`` trains on packed Python docs
+with rankwise fp32, rankwise bf16-base and PEFT fp32 (same model, rank, batches and sequence
+length), each in its own process so peak RSS is its own, and reports tokens/s, peak RSS and the
+final validation loss. Both write their table into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, write_section  # noqa: E402
+
+from rankwise.data import TASKS, collate, get_task  # noqa: E402
+from rankwise.evaluate.accuracy import exact_match  # noqa: E402
+from rankwise.models import DEFAULT_MODEL, load_model  # noqa: E402
+from rankwise.train import from_mapping, train  # noqa: E402
+from rankwise.train.loop import (  # noqa: E402
+    batch_indices,
+    build_examples,
+    label_tokens,
+    summed_loss,
+    validation_loss,
+)
+
+SPEED = dict(
+    data="corpus:python-docs",
+    seq_len=256,
+    batch_size=4,
+    r=16,
+    lora_alpha=32,
+    lr=5e-4,
+    warmup_steps=2,
+    eval_every=0,
+    save_every=0,
+    log_every=5,
+    eval_examples=8,
+)
+
+
+def quality(args: argparse.Namespace) -> None:
+    names = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
+    base = load_model(dtype="bfloat16")
+    rows = []
+    for name in names:
+        test = get_task(name).test_set(args.test_examples)
+        before = exact_match(base.model, base.tokenizer, test)["all"]["accuracy"]
+        config = from_mapping(
+            dict(
+                data=f"task:{name}",
+                output_dir=str(Path(args.out) / name),
+                max_steps=args.steps,
+                r=16,
+                lora_alpha=32,
+                lr=args.lr,
+                batch_size=8,
+                warmup_steps=10,
+                dtype="bfloat16",
+                train_examples=2000,
+                eval_every=0,
+                save_every=0,
+            )
+        )
+        result = train(config)
+        after = exact_match(result.model, base.tokenizer, test)["all"]["accuracy"]
+        rows.append([name, f"{before:.1%}", f"{after:.1%}", args.steps, f"{result.seconds:.0f}"])
+        print(rows[-1], flush=True)
+    table = markdown_table(
+        ["task", "base exact match", "rank-16 adapter", "steps", "train seconds"], rows
+    )
+    write_section(
+        "finetune_quality",
+        (
+            f"## Per-task adapters (`bench/finetune.py quality`)\n\nMachine: {machine()}. Model: "
+            f"{DEFAULT_MODEL}, bf16 base, fp32 LoRA r=16 α=32 on all linear layers, batch 8, "
+            f"lr {args.lr}, {args.test_examples} test prompts per task, greedy decoding.\n"
+            f"Reproduce the adapters: `python bench/finetune.py quality --out {args.out}`."
+            f"\n\n{table}"
+        ),
+    )
+
+
+def peft_worker(steps: int) -> dict:
+    """PEFT's LoRA under the same loop as rankwise's: same batches, loss, optimizer, clipping."""
+    from peft import LoraConfig, get_peft_model
+
+    loaded = load_model()
+    config = from_mapping({**SPEED, "max_steps": steps})
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        loaded.model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    )
+    inner = peft.base_model.model
+    examples, _ = build_examples(config.data, loaded.tokenizer, config, "train", 0)
+    val, _ = build_examples(config.data, loaded.tokenizer, config, "validation", 0)
+    params = [p for p in peft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    inner.train()
+    tokens, start = 0, time.perf_counter()
+    for step in range(steps):
+        batch = [examples[i] for i in batch_indices(step, config.batch_size, len(examples), 0)]
+        chunk = collate(batch, loaded.tokenizer.pad_token_id)
+        (summed_loss(inner, chunk) / label_tokens(batch)).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(chunk["attention_mask"].sum())
+    speed = tokens / (time.perf_counter() - start)
+    return {
+        "tokens_per_s": speed,
+        "val_loss": validation_loss(inner, val[:8], 4, loaded.tokenizer.pad_token_id),
+    }
+
+
+def rankwise_worker(steps: int, dtype: str, out: str) -> dict:
+    config = from_mapping({**SPEED, "max_steps": steps, "dtype": dtype, "output_dir": out})
+    result = train(config)
+    loaded = load_model(dtype=dtype)
+    val, _ = build_examples(config.data, loaded.tokenizer, config, "validation", 0)
+    return {
+        "tokens_per_s": result.tokens_per_second,
+        "val_loss": validation_loss(result.model, val[:8], 4, loaded.tokenizer.pad_token_id),
+    }
+
+
+def speed(args: argparse.Namespace) -> None:
+    variants = {
+        "rankwise fp32": "float32",
+        "rankwise bf16 base": "bfloat16",
+        "HF PEFT fp32": "peft",
+    }
+    results = {}
+    for name, variant in variants.items():
+        out = subprocess.run(
+            [sys.executable, __file__, "worker", variant, str(args.steps)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        results[name] = json.loads(out.strip().splitlines()[-1])
+        print(name, results[name], flush=True)
+    peft_speed = results["HF PEFT fp32"]["tokens_per_s"]
+    fp32_val = results["rankwise fp32"]["val_loss"]
+    rows = [
+        [
+            name,
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['tokens_per_s'] / peft_speed:.2f}",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['val_loss']:.4f}",
+            f"{r['val_loss'] / fp32_val - 1:+.2%}",
+        ]
+        for name, r in results.items()
+    ]
+    table = markdown_table(
+        ["variant", "train tokens/s", "× PEFT fp32", "peak RSS MB", "val loss", "vs fp32"], rows
+    )
+    write_section(
+        "finetune_speed",
+        (
+            f"## Training speed (`bench/finetune.py speed`)\n\nMachine: {machine()}. Model: "
+            f"{DEFAULT_MODEL}, LoRA r=16 α=32 on all linear layers, packed Python docs, "
+            f"batch 4 × 256 tokens, {args.steps} steps of AdamW, each variant in its own "
+            f"process.\n\n{table}\n\n"
+            "Target: rankwise bf16-base ≥ 2× PEFT fp32 tokens/s, validation loss within 2% of fp32."
+        ),
+    )
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["worker"]:
+        variant, steps = sys.argv[2], int(sys.argv[3])
+        with __import__("tempfile").TemporaryDirectory() as out:
+            result = (
+                peft_worker(steps) if variant == "peft" else rankwise_worker(steps, variant, out)
+            )
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="part", required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("--tasks", default="all")
+    q.add_argument("--steps", type=int, default=200)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--test-examples", type=int, default=50)
+    q.add_argument("--out", default="runs/task-adapters")
+    s = sub.add_parser("speed")
+    s.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    quality(args) if args.part == "quality" else speed(args)
+
+
+if __name__ == "__main__":
+    main()
