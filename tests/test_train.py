@@ -210,3 +210,30 @@ def test_two_processes_match_one_with_the_same_global_batch(model_dir, tmp_path)
     one = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(ddp, one, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def first_losses(tmp_path: Path, name: str) -> list[float]:
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines]
+
+
+def test_gradient_checkpointing_gives_the_same_losses(model_dir, tmp_path):
+    train(config(model_dir, tmp_path, output_dir=str(tmp_path / "plain"), max_steps=3))
+    train(
+        config(
+            model_dir,
+            tmp_path,
+            output_dir=str(tmp_path / "gc"),
+            max_steps=3,
+            gradient_checkpointing=True,
+        )
+    )
+    assert first_losses(tmp_path, "gc") == pytest.approx(first_losses(tmp_path, "plain"), rel=1e-5)
+
+
+def test_bf16_base_keeps_fp32_adapters(model_dir, tmp_path):
+    result = train(config(model_dir, tmp_path, dtype="bfloat16", max_steps=3))
+    dtypes = {p.dtype for p in result.model.parameters() if p.requires_grad}
+    assert dtypes == {torch.float32}
+    assert next(result.model.get_decoder().parameters()).dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in adapter_tensors(tmp_path / "run").values())
