@@ -131,6 +131,19 @@ class LowRankExperts(nn.Module):
         """h B^T from rank space to the output. (..., R) -> (..., out)"""
         return h @ self.lora_B.T
 
+    def expert_outputs(self, h: torch.Tensor) -> torch.Tensor:
+        """Each expert's output from rank-space activations, one product per expert.
+
+        (..., R) -> (..., E, out); a hook for policies that transform experts' outputs.
+        """
+        return torch.stack(
+            [
+                h[..., self.expert_slice(e)] @ self.expert_factors(e)[1].T
+                for e in range(len(self.experts))
+            ],
+            dim=-2,
+        )
+
     def rank_gate(self, gates: torch.Tensor | None) -> torch.Tensor:
         """Per-rank multiplier g_e * s_e, shape [R] or [..., R] for per-token gates."""
         if gates is None:

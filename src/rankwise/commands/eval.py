@@ -13,12 +13,14 @@ from rankwise.errors import RankwiseError
 from rankwise.evaluate.accuracy import exact_match
 from rankwise.evaluate.perplexity import perplexity
 from rankwise.models import load_model
+from rankwise.routers import load_mixture
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="perplexity on text, exact match on task data")
     add_model_options(parser)
     parser.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter folder")
+    parser.add_argument("--mixture", default=None, help="mixture folder from `rankwise mix train`")
     parser.add_argument(
         "--data", required=True, help="a path, task:NAME[,NAME...] / task:all, corpus:python-docs"
     )
@@ -35,14 +37,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     records = load_dataset_spec(args.data, split=args.split, n=args.examples).records
+    if args.adapter and args.mixture:
+        raise RankwiseError("give --adapter or --mixture, not both")
     loaded = load_model(args.model, args.dtype)
     if args.adapter:
         load_adapter(loaded.model, args.adapter)
+    if args.mixture:
+        load_mixture(loaded.model, args.mixture)
     texts = [r["text"] for r in records if "text" in r]
     prompted = [r for r in records if "prompt" in r]
     if not texts and not prompted:
         raise RankwiseError(f"'{args.data}' has neither text nor prompt/completion records")
-    results: dict = {"model": loaded.name, "adapter": args.adapter, "data": args.data}
+    results: dict = {
+        "model": loaded.name,
+        "adapter": args.adapter,
+        "mixture": args.mixture,
+        "data": args.data,
+    }
     rows = []
     if texts:
         ppl = perplexity(

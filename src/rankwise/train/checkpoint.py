@@ -1,10 +1,10 @@
 """Checkpoints that survive a kill: written to a temporary folder, then renamed into place.
 
-A checkpoint folder ``checkpoints/step-000100`` holds the adapter in PEFT's format (so it is
-usable on its own), ``optimizer.safetensors`` (AdamW's moments and step counts),
-``rng.safetensors`` (the torch generator state) and ``trainer_state.json`` (step, config,
-optimizer hyper-parameters, Python's RNG state). The data position is a function of the step
-and the seed, so it needs no file. Nothing is pickled.
+A checkpoint folder ``checkpoints/step-000100`` holds the trained weights as the recipe writes
+its result (for LoRA an adapter in PEFT's format, usable on its own), ``optimizer.safetensors``
+(AdamW's moments and step counts), ``rng.safetensors`` (the torch generator state) and
+``trainer_state.json`` (step, config, optimizer hyper-parameters, Python's RNG state). The data
+position is a function of the step and the seed, so it needs no file. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -14,19 +14,13 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from rankwise.adapters.inject import expert_layers
-from rankwise.adapters.peft_format import (
-    atomic_write,
-    read_adapter,
-    weights_from_model,
-    write_adapter,
-)
-from rankwise.errors import RankwiseError
+from rankwise.adapters.peft_format import atomic_write
 
 STATE_FILE = "trainer_state.json"
 
@@ -38,19 +32,22 @@ def checkpoint_root(output: Path) -> Path:
 def save_checkpoint(
     output: Path,
     step: int,
-    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     config: object,
-    base_model: str,
     keep_last: int,
+    write_weights: Callable[[Path], None],
 ) -> Path:
-    """Write checkpoint ``step`` atomically and delete all but the newest ``keep_last``."""
+    """Write checkpoint ``step`` atomically and delete all but the newest ``keep_last``.
+
+    ``write_weights(folder)`` writes the trained weights (an adapter or a mixture folder).
+    """
     root = checkpoint_root(output)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_adapter(weights_from_model(model, base_model=base_model), tmp)
+    tmp.mkdir()
+    write_weights(tmp)
     tensors, groups = flatten_optimizer(optimizer)
     save_file(tensors, tmp / "optimizer.safetensors")
     save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
@@ -77,17 +74,15 @@ def list_checkpoints(output: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore adapter weights, optimizer and RNG states in place; returns trainer_state.json."""
+def load_checkpoint(
+    folder: Path, optimizer: torch.optim.Optimizer, read_weights: Callable[[Path], None]
+) -> dict:
+    """Restore weights (via ``read_weights(folder)``), optimizer and RNG states in place.
+
+    Returns the checkpoint's trainer_state.json.
+    """
     state = json.loads((folder / STATE_FILE).read_text())
-    weights = read_adapter(folder)
-    with torch.no_grad():
-        for name, layer in expert_layers(model).items():
-            if name not in weights.factors:
-                raise RankwiseError(f"checkpoint '{folder}' has no weights for {name}")
-            a, b = layer.expert_factors(0)
-            a.copy_(weights.factors[name][0])
-            b.copy_(weights.factors[name][1])
+    read_weights(folder)
     unflatten_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), state)
     torch.set_rng_state(load_file(folder / "rng.safetensors")["torch"])
     random.setstate((3, tuple(state["python_rng"]), None))

@@ -86,16 +86,16 @@ class TrainConfig:
         return Path(self.output_dir)
 
 
-def from_mapping(values: dict) -> TrainConfig:
-    """Build a config from a mapping; an unknown key is an error that lists the known ones."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+def from_mapping(values: dict, cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """Build a config (of ``cls``, a TrainConfig subclass) from a mapping; unknown keys fail."""
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise RankwiseError(
             f"unknown config keys {unknown}; known keys: {', '.join(sorted(known))}"
         )
     try:
-        return TrainConfig(**values)
+        return cls(**values)
     except TypeError as err:
         raise RankwiseError(f"bad config: {err}") from err
 
@@ -114,10 +114,10 @@ def load_yaml(path: str | Path) -> dict:
     return values
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig] = TrainConfig) -> None:
     """One ``--flag`` per config field (same name, dashes for underscores), default unset."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = scalar_type(hints[f.name])
         if f.name == "target_modules":
@@ -144,13 +144,13 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
     """YAML file values (if any) overridden by every flag given on the command line."""
     values = load_yaml(args.config) if args.config else {}
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         value = getattr(args, f.name)
         if value is not None:
             if f.name == "target_modules" and "," in value:
                 value = value.split(",")
             values[f.name] = value
-    return from_mapping(values)
+    return from_mapping(values, cls)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,13 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from rankwise.adapters import describe_trainable, expert_layers, inject_adapter, save_adapter
+from rankwise.adapters import (
+    describe_trainable,
+    expert_layers,
+    inject_adapter,
+    read_adapter,
+    save_adapter,
+)
 from rankwise.data import IGNORE_INDEX, collate, encode_example, load_dataset_spec, pack_texts
 from rankwise.errors import RankwiseError
 from rankwise.models import load_model
@@ -32,6 +39,50 @@ from rankwise.train.metrics import MetricsLog, plot_loss
 from rankwise.train.schedule import learning_rate
 
 Example = dict[str, list[int]]
+
+
+def attach_lora(model: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """The default recipe: inject one fresh LoRA adapter; returns its parameters."""
+    inject_adapter(model, config.lora())
+    return [p for layer in expert_layers(model).values() for p in layer.adapter_params().values()]
+
+
+def no_aux_loss(model: torch.nn.Module) -> torch.Tensor:
+    return torch.zeros(())
+
+
+def nothing_after_step(model: torch.nn.Module) -> None:
+    return None
+
+
+def write_lora(model: torch.nn.Module, folder: Path, base_name: str) -> None:
+    save_adapter(model, folder, base_model=base_name)
+
+
+@torch.no_grad()
+def read_lora(model: torch.nn.Module, folder: Path) -> None:
+    """Copy a saved adapter's factors into the model's (already injected) layers."""
+    weights = read_adapter(folder)
+    for name, layer in expert_layers(model).items():
+        if name not in weights.factors:
+            raise RankwiseError(f"checkpoint '{folder}' has no weights for {name}")
+        a, b = layer.expert_factors(0)
+        a.copy_(weights.factors[name][0])
+        b.copy_(weights.factors[name][1])
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """What another recipe (mixtures of experts) changes in the loop; defaults train one LoRA."""
+
+    # builds the trainable modules on the loaded model, returns the parameters to optimise
+    attach: Callable[[torch.nn.Module, TrainConfig], list[torch.nn.Parameter]] = attach_lora
+    # an extra loss of the last forward, added to each micro-batch's loss (a mean over them)
+    aux_loss: Callable[[torch.nn.Module], torch.Tensor] = no_aux_loss
+    after_step: Callable[[torch.nn.Module], None] = nothing_after_step  # after optimizer.step
+    # writes the trained weights into a folder (checkpoints and the final result)
+    write: Callable[[torch.nn.Module, Path, str], None] = write_lora
+    read: Callable[[torch.nn.Module, Path], None] = read_lora  # restores them on --resume
 
 
 @dataclass
@@ -132,8 +183,14 @@ def batch_indices(step: int, global_batch: int, n: int, seed: int) -> list[int]:
     return indices
 
 
-def train(config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train a LoRA adapter as ``config`` says and write it to ``config.output_dir``."""
+def train(
+    config: TrainConfig, resume: bool = False, hooks: TrainHooks | None = None
+) -> TrainResult:
+    """Train a LoRA adapter as ``config`` says and write it to ``config.output_dir``.
+
+    ``hooks`` let other recipes (mixtures) reuse the loop; the default trains one LoRA.
+    """
+    hooks = hooks or TrainHooks()
     world = init_world()
     output = config.output
     checkpoints = list_checkpoints(output)
@@ -146,10 +203,9 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     loaded = load_model(config.model, config.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     torch.manual_seed(config.seed)
-    inject_adapter(model, config.lora())
+    params = hooks.attach(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for layer in expert_layers(model).values() for p in layer.adapter_params().values()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     examples, skipped = build_examples(
         config.data, tokenizer, config, "train", config.train_examples
@@ -162,7 +218,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     )
     start_step = 0
     if resume:
-        state = load_checkpoint(checkpoints[-1], model, optimizer)
+        state = load_checkpoint(checkpoints[-1], optimizer, lambda f: hooks.read(model, f))
         check_same_run(state["config"], config)
         start_step = state["step"]
     if world.is_main:
@@ -183,9 +239,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         start_step,
         metrics,
         loaded.name,
+        hooks,
     )
     if world.is_main:
-        save_adapter(model, output, base_model=loaded.name)
+        hooks.write(model, output, loaded.name)
         plot_loss(output / "metrics.jsonl", output / "loss.png")
     barrier(world)
     return result
@@ -211,6 +268,7 @@ def run_steps(
     start_step: int,
     metrics: MetricsLog | None,
     base_name: str,
+    hooks: TrainHooks,
 ) -> TrainResult:
     """Optimizer steps ``start_step`` .. ``max_steps`` with logging, validation and checkpoints."""
     model.train()
@@ -234,10 +292,11 @@ def run_steps(
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros(())
+        shares = math.ceil(len(mine) / micro) * world.size  # aux: mean over all micro-batches
         for start in range(0, len(mine), micro):
             chunk = collate(mine[start : start + micro], pad_id)
             loss = summed_loss(model, chunk) / denominator
-            loss.backward()
+            (loss + hooks.aux_loss(model) / shares).backward()
             loss_sum += loss.detach()
             tokens_seen += int(chunk["attention_mask"].sum()) * world.size
         all_reduce_sum([p.grad for p in params if p.grad is not None] + [loss_sum], world)
@@ -252,6 +311,7 @@ def run_steps(
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        hooks.after_step(model)
         done = step + 1
         speed = tokens_seen / (time.perf_counter() - started)
         bar.update(1)
@@ -271,7 +331,12 @@ def run_steps(
             (config.save_every and done % config.save_every == 0) or done == config.max_steps
         ):
             save_checkpoint(
-                config.output, done, model, optimizer, config, base_name, config.keep_last
+                config.output,
+                done,
+                optimizer,
+                config,
+                config.keep_last,
+                lambda folder: hooks.write(model, folder, base_name),
             )
         barrier(world)
     bar.close()

@@ -1,0 +1,157 @@
+"""What every router shares: its settings, the base policy class, the registry and gate maths.
+
+A router is a policy of ``LowRankExperts``: the layer calls ``policy(layer, x, gates)`` and the
+router returns the low-rank term. Routers keep their last gates (``last_gates``, detached,
+[..., E]) so that ``rankwise mix inspect`` can draw them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from rankwise.adapters.inject import select_targets
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.errors import RankwiseError
+
+
+@dataclass
+class RouterConfig:
+    """A mixture's settings; the same names are keys of ``rankwise mix train`` configs."""
+
+    router: str = "mola"  # xlora, mola, smora, flylora or radargate
+    r: int = 8  # rank of each expert (mola, radargate); total rank R (smora, flylora)
+    lora_alpha: float = 16.0  # scaling alpha / r as in LoRA (rank experts use alpha / R)
+    target_modules: list[str] | str = "all-linear"  # modules that get experts
+    init: str = "init_a"  # init scheme of fresh experts
+    num_experts: int = 4  # experts per module (mola when expert_pattern is empty, radargate)
+    expert_pattern: str = ""  # mola: counts over equal depth groups, e.g. "2,4,6,8"
+    top_k: int = 2  # experts (ranks) used per token; 0 means all (dense, xlora)
+    aux_coef: float = 0.0  # mola: Switch load-balancing loss weight (the paper uses 0.001)
+    bias_rate: float = 1e-3  # smora, flylora: step of the balancing bias after each step
+    adapters: list[str] = field(default_factory=list)  # xlora: PEFT adapter folders (experts)
+    layerwise: bool = False  # xlora: separate scalings for every adapted module
+    classifier_depth: int = 1  # xlora: linear layers of the classifier (1: one linear map)
+    classifier_hidden: int = 64  # xlora: width of the classifier's hidden layers
+    temperature: float = 1.0  # xlora: softmax temperature of the scalings
+    scaling_pass_value: float = 0.0  # xlora: constant scaling of adapters in the first pass
+
+    def __post_init__(self) -> None:
+        self.expert_pattern = str(self.expert_pattern)  # YAML reads a single count as an int
+        if self.router not in ROUTERS:
+            raise RankwiseError(
+                f"unknown router '{self.router}': choose one of {', '.join(sorted(ROUTERS))}"
+            )
+        if self.r < 1 or self.num_experts < 1 or self.top_k < 0 or self.classifier_depth < 1:
+            raise RankwiseError("r, num_experts and classifier_depth must be >= 1, top_k >= 0")
+        if self.temperature <= 0:
+            raise RankwiseError("temperature must be positive")
+        ROUTERS[self.router].check(self)
+
+
+class Router(nn.Module):
+    """A gate policy over one layer's experts; subclasses implement ``forward``."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_gates: torch.Tensor | None = None  # (..., E) of the last forward, detached
+
+    @classmethod
+    def check(cls, config: RouterConfig) -> None:
+        """Raise a ``RankwiseError`` if ``config`` does not suit this router."""
+
+    @classmethod
+    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
+        """The experts of every targeted module (fresh ones: the default is E of rank r)."""
+        spec = ExpertSpec(config.r, config.lora_alpha, init=config.init)
+        return {
+            name: [spec] * config.num_experts
+            for name in select_targets(model, config.target_modules)
+        }
+
+    @classmethod
+    def initialise(
+        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig
+    ) -> None:
+        """Fill the experts' factors of a fresh mixture (they are random already by default)."""
+
+    @classmethod
+    def head(
+        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig
+    ) -> nn.Module:
+        """A model-level module the router needs (X-LoRA's classifier); none by default."""
+        return nn.Module()
+
+    def trainable(self, layer: LowRankExperts) -> list[nn.Parameter]:
+        """Parameters trained for this layer: both factors and the router's own by default."""
+        return [layer.lora_A, layer.lora_B, *self.parameters()]
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def aux_loss(self) -> torch.Tensor:
+        """An auxiliary loss of the last forward, added to the training loss (none by default)."""
+        return torch.zeros(())
+
+    def step_counts(self) -> list[torch.Tensor]:
+        """Counters of this step's training forwards that data-parallel runs sum over processes."""
+        return []
+
+    def after_step(self) -> None:
+        """Bookkeeping after each optimizer step (none by default)."""
+
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register(cls: type[Router]) -> type[Router]:
+    """Register a router class under its ``name``."""
+    ROUTERS[cls.name] = cls
+    return cls
+
+
+def top_k_renormalised(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest gates per token divided by their sum, and their indices. (..., k) each"""
+    values, chosen = probs.topk(k, dim=-1)
+    return values / values.sum(-1, keepdim=True), chosen
+
+
+def dense_gates(weights: torch.Tensor, chosen: torch.Tensor, n: int) -> torch.Tensor:
+    """Top-k weights scattered into a dense (..., n) gate tensor with zeros elsewhere."""
+    return weights.new_zeros(*weights.shape[:-1], n).scatter(-1, chosen, weights)
+
+
+def routed_sum(
+    layer: LowRankExperts, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor
+) -> torch.Tensor:
+    """sum_k w_k s_e B_e A_e x over each token's chosen experts only.
+
+    Tokens are grouped by expert and each group costs one product with A_e and one with B_e,
+    so an expert no token chose never runs. x (..., in), weights and chosen (..., k).
+    """
+    flat = x.reshape(-1, x.shape[-1])  # (N, in)
+    w = weights.reshape(flat.shape[0], -1)  # (N, k)
+    idx = chosen.reshape(flat.shape[0], -1)  # (N, k)
+    out = flat.new_zeros(flat.shape[0], layer.base.out_features)
+    for e, spec in enumerate(layer.experts):
+        token, slot = (idx == e).nonzero(as_tuple=True)
+        if token.numel() == 0 or spec.rank == 0:
+            continue
+        a, b = layer.expert_factors(e)
+        h = (flat[token] @ a.T) * (w[token, slot] * spec.scaling)[:, None]  # (n_e, r)
+        out = out.index_add(0, token, h @ b.T)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def block_index(module_name: str) -> int:
+    """The decoder block a module belongs to (``model.layers.<i>.``), 0 if none."""
+    found = re.search(r"\.layers\.(\d+)\.", module_name)
+    return int(found.group(1)) if found else 0

@@ -1,0 +1,57 @@
+"""FlyLoRA (arXiv 2510.08396): an implicit rank-wise mixture with a frozen sparse random A.
+
+A [R, in] is a sparse random projection (k / R of each row non-zero), drawn once and never
+trained, like the fly olfactory circuit's projection. The router is A x itself:
+the top-k ranks of A x plus a balancing bias are active, so only those columns of B get a
+gradient. There are no router parameters; the bias moves only during training, as in SMoRA,
+once per optimizer step from that step's usage (the official code moves it at every forward,
+evaluation included).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rankwise.adapters.layer import LowRankExperts
+from rankwise.routers.base import RouterConfig, register
+from rankwise.routers.smora import BalancedRanks
+
+
+def sparse_projection(
+    rows: int, cols: int, density: float, generator: torch.Generator
+) -> torch.Tensor:
+    """A random [rows, cols] matrix with round(density * cols) entries N(0, 1/rows^2) per row.
+
+    As the official code (github.com/gfyddha/FlyLoRA, init "sparse"): the same count per row.
+    """
+    keep = max(1, round(density * cols))
+    order = torch.rand(rows, cols, generator=generator).argsort(dim=-1)[:, :keep]  # (rows, keep)
+    mask = torch.zeros(rows, cols).scatter(-1, order, 1.0)
+    return torch.randn(rows, cols, generator=generator) / rows * mask
+
+
+@register
+class FlyLoRA(BalancedRanks):
+    """Top-k of A x (+ bias) picks the ranks; B is trained, A stays frozen."""
+
+    name = "flylora"
+
+    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
+        super().__init__(layer, config, index)
+        generator = torch.Generator().manual_seed(torch.initial_seed() + index)
+        with torch.no_grad():
+            a = sparse_projection(*layer.lora_A.shape, config.top_k / config.r, generator)
+            layer.lora_A.copy_(a)
+
+    def trainable(self, layer: LowRankExperts) -> list[torch.nn.Parameter]:
+        return [layer.lora_B]
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+    ) -> torch.Tensor:
+        h = layer.down(x)  # (..., R)
+        chosen = (h.detach() + self.bias).topk(self.k, dim=-1).indices
+        mask = torch.zeros_like(h).scatter(-1, chosen, 1.0)
+        self.count(chosen)
+        self.last_gates = mask
+        return layer.up(h * mask * layer.rank_scaling)

@@ -1,0 +1,81 @@
+"""MoLA (arXiv 2402.08562): more LoRA experts in higher layers, each module with its own router.
+
+Every targeted module of block l holds E_l experts of rank r and a linear router; a token uses
+the top-k (k = 2 in the paper) of the softmax, renormalised, and only those experts run. The
+counts E_l come from ``expert_pattern`` over equal groups of depth ("2,4,6,8" is the paper's
+MoLA-triangle over four quarters), or ``num_experts`` everywhere. An optional Switch-style
+load-balancing loss (Fedus et al., arXiv 2101.03961) is weighted by ``aux_coef``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankwise.adapters.inject import select_targets
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.errors import RankwiseError
+from rankwise.routers.base import (
+    Router,
+    RouterConfig,
+    block_index,
+    dense_gates,
+    register,
+    routed_sum,
+    top_k_renormalised,
+)
+
+
+def pattern_counts(pattern: str, num_blocks: int) -> list[int]:
+    """Experts per block: the pattern's counts spread over equal groups of blocks."""
+    counts = [int(c) for c in pattern.split(",")]
+    return [counts[block * len(counts) // num_blocks] for block in range(num_blocks)]
+
+
+@register
+class MoLA(Router):
+    """Softmax router per module, top-k renormalised gates, sparse expert dispatch."""
+
+    name = "mola"
+
+    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
+        super().__init__()
+        self.gate = nn.Linear(layer.base.in_features, layer.num_experts, bias=False)
+        self.gate.to(layer.lora_A)
+        self.k = min(config.top_k or layer.num_experts, layer.num_experts)
+        self.aux_coef = config.aux_coef
+        self.last_probs = torch.zeros(0, layer.num_experts)  # (..., E) with grad, for aux_loss
+
+    @classmethod
+    def check(cls, config: RouterConfig) -> None:
+        if config.expert_pattern and not all(
+            c.strip().isdigit() and int(c) > 0 for c in config.expert_pattern.split(",")
+        ):
+            raise RankwiseError("expert_pattern must be positive counts like 2,4,6,8")
+
+    @classmethod
+    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
+        spec = ExpertSpec(config.r, config.lora_alpha, init=config.init)
+        names = select_targets(model, config.target_modules)
+        if not config.expert_pattern:
+            return {name: [spec] * config.num_experts for name in names}
+        counts = pattern_counts(config.expert_pattern, model.config.num_hidden_layers)
+        return {name: [spec] * counts[block_index(name)] for name in names}
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+    ) -> torch.Tensor:
+        probs = torch.softmax(self.gate(x), dim=-1)  # (..., E)
+        weights, chosen = top_k_renormalised(probs, self.k)  # (..., k)
+        self.last_probs = probs
+        self.last_gates = dense_gates(weights, chosen, layer.num_experts).detach()
+        return routed_sum(layer, x, weights, chosen)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Switch loss E * sum_e f_e P_e: f_e the share of routed slots, P_e the mean gate."""
+        if self.aux_coef == 0 or self.last_gates is None:
+            return torch.zeros(())
+        num = self.last_probs.shape[-1]
+        share = (self.last_gates > 0).float().reshape(-1, num).mean(0) / self.k  # (E,)
+        mean_prob = self.last_probs.reshape(-1, num).mean(0)  # (E,)
+        return self.aux_coef * num * (share * mean_prob).sum()

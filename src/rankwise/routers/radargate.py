@@ -1,0 +1,86 @@
+"""RadarGate (arXiv 2505.23184, "Two Is Better Than One: Rotations Scale LoRAs").
+
+A weighted sum of expert outputs stays inside their convex cone; RadarGate also rotates each
+expert's output o_e by an input-dependent angle theta_e(x). Each o_e is first fused with the
+other experts' outputs by a learnable mixing f_e = sum_j M_ej o_j; the rotation acts in the
+plane spanned by o_e and f_e (a Givens rotation of the output space: orthogonal, identity on
+the rest), then a softmax stretch gate w_e(x) scales the rotated outputs:
+
+    y = sum_e w_e(x) R(o_e, f_e, theta_e(x)) o_e
+
+theta starts at zero, so at initialisation RadarGate is a softmax-weighted sum of experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankwise.adapters.layer import LowRankExperts
+from rankwise.routers.base import Router, RouterConfig, register
+
+EPS = 1e-12
+
+
+def plane_basis(o: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal u along o and v along the part of f orthogonal to o. (..., d) each"""
+    u = o / o.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    rest = f - (f * u).sum(-1, keepdim=True) * u
+    return u, rest / rest.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def rotate(o: torch.Tensor, f: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """o turned by theta toward f in their plane: cos(theta) o + sin(theta) |o| v. (..., d)"""
+    _, v = plane_basis(o, f)
+    angle = theta.unsqueeze(-1)
+    return torch.cos(angle) * o + torch.sin(angle) * o.norm(dim=-1, keepdim=True) * v
+
+
+def rotation_matrix(o: torch.Tensor, f: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """The rotation ``rotate`` applies, as a [d, d] matrix (one vector pair, for checks)."""
+    u, v = plane_basis(o, f)
+    eye = torch.eye(o.shape[-1], dtype=o.dtype)
+    plane = torch.outer(u, u) + torch.outer(v, v)
+    turn = torch.outer(v, u) - torch.outer(u, v)
+    return eye + (torch.cos(theta) - 1) * plane + torch.sin(theta) * turn
+
+
+def pair_angles(outputs: torch.Tensor) -> torch.Tensor:
+    """Mean angle (radians) between every pair of experts' outputs. (..., E, d) -> [E, E]"""
+    unit = outputs / outputs.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    cos = torch.einsum("...id,...jd->...ij", unit, unit).clamp(-1, 1)
+    return torch.arccos(cos).reshape(-1, *cos.shape[-2:]).mean(0)
+
+
+@register
+class RadarGate(Router):
+    """Stretch (softmax) gates and input-dependent rotations of each expert's output."""
+
+    name = "radargate"
+
+    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
+        super().__init__()
+        num, width = layer.num_experts, layer.base.in_features
+        self.stretch = nn.Linear(width, num, bias=False).to(layer.lora_A)
+        self.angle = nn.Linear(width, num).to(layer.lora_A)
+        nn.init.zeros_(self.angle.weight)
+        nn.init.zeros_(self.angle.bias)
+        # Fusion starts as the mean of the other experts' outputs.
+        others = (torch.ones(num, num) - torch.eye(num)) / max(num - 1, 1)
+        self.fuse = nn.Parameter(others.to(layer.lora_A))
+
+    def expert_views(
+        self, layer: LowRankExperts, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each expert's output and its rotated version. (..., E, out) each"""
+        outputs = layer.expert_outputs(layer.down(x) * layer.rank_scaling)  # (..., E, out)
+        fused = torch.einsum("ej,...jd->...ed", self.fuse, outputs)
+        return outputs, rotate(outputs, fused, self.angle(x))
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+    ) -> torch.Tensor:
+        weights = torch.softmax(self.stretch(x), dim=-1)  # (..., E)
+        self.last_gates = weights.detach()
+        _, rotated = self.expert_views(layer, x)
+        return (weights.unsqueeze(-1) * rotated).sum(-2)

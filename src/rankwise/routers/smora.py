@@ -1,0 +1,88 @@
+"""SMoRA (arXiv 2501.15103): the ranks of one LoRA are its experts, a few active per token.
+
+One LoRA of rank R is stored as R rank-1 experts (scaling alpha / R, as the whole LoRA). A linear
+router gives sigmoid gates per rank; the top-k ranks by gate plus a non-trained bias are active,
+weighted by their gates normalised to sum 1. Instead of an auxiliary loss, the bias moves after
+each optimizer step by ``bias_rate`` toward balanced use: up for ranks used less than average,
+down for the others (the loss-free balancing of DeepSeek-V3, arXiv 2412.19437).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankwise.adapters.inject import select_targets
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.errors import RankwiseError
+from rankwise.routers.base import Router, RouterConfig, dense_gates, register
+
+
+def rank_experts(model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
+    """R rank-1 experts per targeted module, together scaled like one LoRA of rank R."""
+    spec = ExpertSpec(1, config.lora_alpha / config.r, init=config.init)
+    return {name: [spec] * config.r for name in select_targets(model, config.target_modules)}
+
+
+def check_rank_top_k(config: RouterConfig) -> None:
+    """Rank routers need 1 <= top_k <= r."""
+    if not 1 <= config.top_k <= config.r:
+        raise RankwiseError(f"{config.router} needs 1 <= top_k <= r, got top_k={config.top_k}")
+
+
+class BalancedRanks(Router):
+    """Shared bookkeeping of rank routers: a selection bias nudged toward balanced use."""
+
+    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
+        super().__init__()
+        rank = layer.lora_A.shape[0]
+        self.k = config.top_k
+        self.rate = config.bias_rate
+        self.register_buffer("bias", torch.zeros(rank, dtype=layer.lora_A.dtype))
+        self.register_buffer("load", torch.zeros(rank), persistent=False)
+
+    @classmethod
+    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
+        return rank_experts(model, config)
+
+    @classmethod
+    def check(cls, config: RouterConfig) -> None:
+        check_rank_top_k(config)
+
+    def count(self, chosen: torch.Tensor) -> None:
+        """Add the ranks chosen in a training forward to the load of this step."""
+        if self.training:
+            self.load += torch.bincount(chosen.reshape(-1), minlength=self.load.numel())
+
+    def step_counts(self) -> list[torch.Tensor]:
+        return [self.load]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """bias += rate * sign(mean load - load); the load restarts at zero."""
+        if self.load.sum() > 0:
+            self.bias += self.rate * torch.sign(self.load.mean() - self.load).to(self.bias)
+        self.load.zero_()
+
+
+@register
+class SMoRA(BalancedRanks):
+    """Sigmoid gates per rank, top-k by gate + bias, gates renormalised over the chosen ranks."""
+
+    name = "smora"
+
+    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
+        super().__init__(layer, config, index)
+        self.gate = nn.Linear(layer.base.in_features, layer.lora_A.shape[0], bias=False)
+        self.gate.to(layer.lora_A)
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+    ) -> torch.Tensor:
+        scores = torch.sigmoid(self.gate(x))  # (..., R)
+        chosen = (scores + self.bias).topk(self.k, dim=-1).indices  # bias only picks ranks
+        picked = scores.gather(-1, chosen)
+        weights = dense_gates(picked / picked.sum(-1, keepdim=True), chosen, scores.shape[-1])
+        self.count(chosen)
+        self.last_gates = weights.detach()
+        return layer.up(layer.down(x) * weights * layer.rank_scaling)

@@ -1,0 +1,160 @@
+"""X-LoRA (arXiv 2402.07148): a classifier mixes frozen, pre-trained LoRA adapters per token.
+
+Base model and adapters stay frozen. A first (scaling) pass runs the model with every adapter
+scaled by ``scaling_pass_value`` (0: the base model) and yields the last hidden state; a
+classifier (one linear layer, or an MLP of ``classifier_depth`` layers) maps it to per-token
+scalings over the experts (one set per adapted module when ``layerwise``), a softmax with
+``temperature``. The second pass applies them. Unlike PEFT's implementation, top-k keeps the k
+largest scalings renormalised to sum 1 per token, and only the selected experts run.
+
+The two passes need the whole sequence each time, so generation runs without a KV cache.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.adapters.peft_format import check_compatible, read_adapter
+from rankwise.errors import RankwiseError
+from rankwise.routers.base import (
+    Router,
+    RouterConfig,
+    dense_gates,
+    register,
+    routed_sum,
+    top_k_renormalised,
+)
+
+
+class Scalings:
+    """State the classifier shares with every layer's policy during one forward."""
+
+    def __init__(self) -> None:
+        self.scaling_pass = False
+        self.weights = torch.zeros(0)  # (B, T, L, k) per-token scalings of the chosen experts
+        self.chosen = torch.zeros(0, dtype=torch.long)  # (B, T, L, k) their expert indices
+
+
+def classifier(width: int, outputs: int, depth: int, hidden: int) -> nn.Sequential:
+    """One linear map (depth 1) or an MLP with ``depth - 1`` ReLU hidden layers."""
+    sizes = [width] + [hidden] * (depth - 1) + [outputs]
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(pairwise(sizes)):
+        layers += [nn.ReLU()] if i else []
+        layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+class XLoRAHead(nn.Module):
+    """The classifier, run by a forward pre-hook on the decoder before the real pass."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig):
+        super().__init__()
+        num = {layer.num_experts for layer in layers.values()}.pop()
+        self.num_experts = num
+        self.num_layers = len(layers) if config.layerwise else 1
+        self.k = min(config.top_k or num, num)
+        self.temperature = config.temperature
+        self.classifier = classifier(
+            model.config.hidden_size,
+            self.num_layers * num,
+            config.classifier_depth,
+            config.classifier_hidden,
+        ).to(next(iter(layers.values())).lora_A)
+        self.state = Scalings()
+        for layer in layers.values():
+            layer.policy.state = self.state
+        self.hook = model.get_decoder().register_forward_pre_hook(self.scale, with_kwargs=True)
+        # Each step reclassifies the whole sequence, so generation cannot reuse a KV cache.
+        model.generation_config.use_cache = False
+
+    def scale(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Run the scaling pass and the classifier; the hooked call then does the real pass."""
+        if self.state.scaling_pass:
+            return
+        keys = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+        inputs = {k: kwargs.get(k) for k in keys}
+        if args:
+            inputs["input_ids"] = args[0]
+        self.state.scaling_pass = True
+        try:
+            with torch.no_grad():
+                hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        finally:
+            self.state.scaling_pass = False
+        logits = self.classifier(hidden.to(self.classifier[0].weight.dtype))
+        logits = logits.unflatten(-1, (self.num_layers, self.num_experts))  # (B, T, L, E)
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        self.state.weights, self.state.chosen = top_k_renormalised(probs, self.k)
+
+
+@register
+class XLoRA(Router):
+    """Applies the classifier's scalings to this layer's frozen experts (top-k sparse)."""
+
+    name = "xlora"
+
+    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
+        super().__init__()
+        self.index = index if config.layerwise else 0
+        self.pass_value = config.scaling_pass_value
+        self.state = Scalings()  # replaced by the head's shared state
+
+    @classmethod
+    def check(cls, config: RouterConfig) -> None:
+        if not config.adapters:
+            raise RankwiseError("xlora needs `adapters`: the PEFT adapter folders to mix")
+
+    @classmethod
+    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
+        weights = [read_adapter(path) for path in config.adapters]
+        for path, adapter in zip(config.adapters, weights, strict=True):
+            check_compatible(model, adapter, f"adapter '{path}'")
+        modules = list(dict.fromkeys(m for w in weights for m in w.factors))
+        return {
+            m: [w.expert(m) if m in w.factors else ExpertSpec(0, 1.0) for w in weights]
+            for m in modules
+        }
+
+    @classmethod
+    def initialise(
+        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig
+    ) -> None:
+        """Copy the adapters' factors into the experts (adapter e is expert e everywhere)."""
+        loaded = [read_adapter(path) for path in config.adapters]
+        with torch.no_grad():
+            for name, layer in layers.items():
+                for e, weights in enumerate(loaded):
+                    if name in weights.factors:
+                        a, b = layer.expert_factors(e)
+                        a.copy_(weights.factors[name][0])
+                        b.copy_(weights.factors[name][1])
+
+    @classmethod
+    def head(
+        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig
+    ) -> nn.Module:
+        return XLoRAHead(model, layers, config)
+
+    def trainable(self, layer: LowRankExperts) -> list[nn.Parameter]:
+        return []
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.state.scaling_pass:
+            return self.scaling_pass(layer, x)
+        weights = self.state.weights[..., self.index, :]  # (B, T, k)
+        chosen = self.state.chosen[..., self.index, :]
+        self.last_gates = dense_gates(weights, chosen, layer.num_experts).detach()
+        return routed_sum(layer, x, weights, chosen)
+
+    def scaling_pass(self, layer: LowRankExperts, x: torch.Tensor) -> torch.Tensor:
+        """Every adapter scaled by the constant; with 0 (the default) no expert runs at all."""
+        if self.pass_value == 0:
+            return x.new_zeros(*x.shape[:-1], layer.base.out_features)
+        return layer.up(layer.down(x) * layer.rank_scaling) * self.pass_value

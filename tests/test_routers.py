@@ -1,0 +1,207 @@
+"""Each router's gates have its paper's properties, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from rankwise.adapters import LoraConfig, inject_adapter, save_adapter
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.errors import RankwiseError
+from rankwise.routers import RouterConfig, build_mixture
+from rankwise.routers.base import routed_sum
+from rankwise.routers.mola import pattern_counts
+from rankwise.routers.radargate import rotate, rotation_matrix
+
+
+def mixture(router: str, **settings):
+    model = tiny_llama(layers=4)
+    config = RouterConfig(router=router, target_modules=["q_proj", "v_proj"], **settings)
+    torch.manual_seed(0)
+    built = build_mixture(model, config)
+    for layer in built.layers.values():  # B != 0 so every expert's output matters
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    return model, built
+
+
+def run(model, tokens):
+    return model(tokens).logits
+
+
+def test_mola_top_k_renormalised_and_pattern(tokens):
+    model, built = mixture("mola", expert_pattern="2,4,6,8", top_k=2)
+    counts = [layer.num_experts for layer in built.layers.values()]
+    assert counts == [2, 2, 4, 4, 6, 6, 8, 8]  # q_proj and v_proj of blocks 0..3
+    assert pattern_counts("2,4", 6) == [2, 2, 2, 4, 4, 4]
+    run(model, tokens)
+    for router in built.routers.values():
+        gates = router.last_gates
+        assert ((gates > 0).sum(-1) == 2).all()
+        torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[:-1]))
+
+
+def test_mola_aux_loss_is_switch_loss(tokens):
+    model, built = mixture("mola", num_experts=4, aux_coef=0.001)
+    run(model, tokens)
+    loss = built.aux_loss()
+    assert loss.requires_grad
+    expected = 0.0
+    for router in built.routers.values():
+        probs = router.last_probs.reshape(-1, 4)
+        top = probs.topk(2, dim=-1).indices
+        share = torch.zeros(4).index_add(0, top.reshape(-1), torch.ones(top.numel())) / top.numel()
+        expected += 0.001 * 4 * (share * probs.mean(0)).sum()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_routed_sum_equals_dense_and_skips_unchosen():
+    experts = LowRankExperts(torch.nn.Linear(8, 6), [ExpertSpec(2, 4.0)] * 3)
+    torch.nn.init.normal_(experts.lora_B)
+    x = torch.randn(5, 8)
+    weights = torch.rand(5, 2)
+    chosen = torch.tensor([[0, 1]] * 5)
+    dense = torch.zeros(5, 3).scatter(-1, chosen, weights)
+    torch.testing.assert_close(
+        routed_sum(experts, x, weights, chosen),
+        experts.up(experts.down(x) * experts.rank_gate(dense)),
+    )
+    with torch.no_grad():
+        experts.lora_A[experts.expert_slice(2)] = float("nan")  # never chosen: never runs
+    assert torch.isfinite(routed_sum(experts, x, weights, chosen)).all()
+
+
+def test_smora_sigmoid_gates_bias_and_balancing(tokens):
+    model, built = mixture("smora", r=16, top_k=4, bias_rate=0.01)
+    model.train()
+    run(model, tokens)
+    for name, router in built.routers.items():
+        gates = router.last_gates  # (B, T, R)
+        assert ((gates > 0).sum(-1) == 4).all()
+        torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[:-1]))
+        x = torch.randn(3, built.layers[name].base.in_features)
+        scores = torch.sigmoid(router.gate(x))
+        assert ((scores > 0) & (scores < 1)).all()
+        assert not router.bias.requires_grad
+    router = next(iter(built.routers.values()))
+    load = router.load.clone()
+    built.after_step()
+    expected = 0.01 * torch.sign(load.mean() - load)
+    torch.testing.assert_close(router.bias, expected)
+    assert router.load.sum() == 0
+    # The bias changes which ranks are picked, not their weights' normalisation.
+    with torch.no_grad():
+        router.bias[:] = torch.arange(16.0) * 10
+    run(model, tokens)
+    assert set(router.last_gates.nonzero()[:, -1].tolist()) == {12, 13, 14, 15}
+
+
+def test_flylora_frozen_sparse_a_and_zero_grad_for_unselected_b(tokens):
+    model, built = mixture("flylora", r=16, top_k=4)
+    model.train()
+    layer = built.layers["model.layers.0.self_attn.v_proj"]  # q has no effect on one token
+    router = layer.policy
+    assert not layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    density = (layer.lora_A != 0).float().mean().item()
+    assert density == 0.25  # k / r of every row
+    assert list(router.parameters()) == []
+    before = layer.lora_A.clone()
+    model(tokens[:1, :1]).logits.sum().backward()  # one token: exactly k ranks chosen
+    chosen = router.last_gates.reshape(-1, 16)[0] > 0
+    assert chosen.sum() == 4
+    assert (layer.lora_B.grad[:, ~chosen] == 0).all()
+    assert (layer.lora_B.grad[:, chosen] != 0).any()
+    assert layer.lora_A.grad is None and torch.equal(layer.lora_A, before)
+    # The bias moves only with training forwards.
+    model.eval()
+    router.load.zero_()
+    run(model, tokens)
+    assert router.load.sum() == 0
+
+
+def test_radargate_rotation_is_orthogonal_and_norm_preserving():
+    o, f = torch.randn(7), torch.randn(7)
+    theta = torch.tensor(0.7)
+    rot = rotation_matrix(o, f, theta)
+    torch.testing.assert_close(rot @ rot.T, torch.eye(7), atol=1e-5, rtol=0)
+    assert math.isclose(torch.linalg.det(rot).item(), 1.0, rel_tol=1e-4)
+    torch.testing.assert_close(rot @ o, rotate(o, f, theta))
+    batch = torch.randn(4, 3, 7)
+    turned = rotate(batch, torch.randn(4, 3, 7), torch.randn(4, 3))
+    torch.testing.assert_close(turned.norm(dim=-1), batch.norm(dim=-1))
+
+
+def test_radargate_starts_as_softmax_weighted_sum(tokens):
+    model, built = mixture("radargate", num_experts=3)
+    run(model, tokens)
+    layer = next(iter(built.layers.values()))
+    router = layer.policy
+    x = torch.randn(2, layer.base.in_features)
+    weights = torch.softmax(router.stretch(x), -1)
+    expected = layer.up(layer.down(x) * layer.rank_gate(weights))
+    torch.testing.assert_close(router(layer, x, None), expected)
+    torch.testing.assert_close(router.last_gates.sum(-1), torch.ones(2))
+
+
+def test_xlora_trains_only_classifier_and_top_k_runs_only_chosen(tmp_path, tokens):
+    folders = []
+    for seed in range(3):
+        donor = tiny_llama(layers=4)
+        torch.manual_seed(seed)
+        for layer in inject_adapter(donor, LoraConfig(r=2, target_modules=["q_proj"])).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
+        folders.append(save_adapter(donor, tmp_path / f"a{seed}"))
+    model = tiny_llama(layers=4)
+    base_logits = model(tokens).logits
+    config = RouterConfig(
+        router="xlora", adapters=[str(f) for f in folders], top_k=1, layerwise=True
+    )
+    built = build_mixture(model, config)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == set()  # the classifier lives in the head, outside the model
+    assert {id(p) for p in built.trainable()} == {id(p) for p in built.head.parameters()}
+    out = model(tokens).logits
+    assert not torch.allclose(out, base_logits)
+    for router in built.routers.values():
+        gates = router.last_gates
+        assert ((gates > 0).sum(-1) == 1).all() and torch.allclose(gates.sum(-1), torch.ones(1))
+    out.sum().backward()
+    assert all(p.grad is not None for p in built.head.parameters())
+    layer = next(iter(built.layers.values()))
+    assert layer.lora_A.grad is None
+    # An expert no token chooses never runs: poison it everywhere and the output is unchanged.
+    with torch.no_grad():
+        built.head.classifier[-1].bias.view(-1, 3)[:, 2] = -1e4  # (layers, experts)
+        expected = model(tokens).logits
+        for layer in built.layers.values():
+            layer.lora_A[layer.expert_slice(2)] = float("nan")
+        torch.testing.assert_close(model(tokens).logits, expected)
+
+
+def test_config_errors():
+    with pytest.raises(RankwiseError, match="unknown router"):
+        RouterConfig(router="nope")
+    with pytest.raises(RankwiseError, match="adapters"):
+        RouterConfig(router="xlora")
+    with pytest.raises(RankwiseError, match="top_k"):
+        RouterConfig(router="smora", r=4, top_k=8)
+
+
+def test_xlora_scaling_pass_value_changes_the_first_pass(tmp_path, tokens):
+    folders = []
+    for seed in range(2):
+        donor = tiny_llama()
+        torch.manual_seed(seed)
+        for layer in inject_adapter(donor, LoraConfig(r=2, target_modules=["q_proj"])).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.3)
+        folders.append(str(save_adapter(donor, tmp_path / f"a{seed}")))
+    logits = []
+    for value in (0.0, 1.0):
+        model = tiny_llama()
+        torch.manual_seed(0)
+        config = RouterConfig(router="xlora", adapters=folders, scaling_pass_value=value)
+        build_mixture(model, config)
+        logits.append(model(tokens).logits)
+    assert (logits[0] - logits[1]).abs().max() > 1e-4
