@@ -6,21 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from rankwise.adapters import load_adapter
-from rankwise.commands.options import add_model_options
+from rankwise.commands.options import add_adapted_model_options, load_adapted_model
 from rankwise.data import load_dataset_spec
 from rankwise.errors import RankwiseError
 from rankwise.evaluate.accuracy import exact_match
 from rankwise.evaluate.perplexity import perplexity
-from rankwise.models import load_model
-from rankwise.routers import load_mixture
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="perplexity on text, exact match on task data")
-    add_model_options(parser)
-    parser.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter folder")
-    parser.add_argument("--mixture", default=None, help="mixture folder from `rankwise mix train`")
+    add_adapted_model_options(parser)
     parser.add_argument(
         "--data", required=True, help="a path, task:NAME[,NAME...] / task:all, corpus:python-docs"
     )
@@ -37,13 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     records = load_dataset_spec(args.data, split=args.split, n=args.examples).records
-    if args.adapter and args.mixture:
-        raise RankwiseError("give --adapter or --mixture, not both")
-    loaded = load_model(args.model, args.dtype)
-    if args.adapter:
-        load_adapter(loaded.model, args.adapter)
-    if args.mixture:
-        load_mixture(loaded.model, args.mixture)
+    loaded = load_adapted_model(args)
     texts = [r["text"] for r in records if "text" in r]
     prompted = [r for r in records if "prompt" in r]
     if not texts and not prompted:

@@ -5,20 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rankwise.adapters import load_adapter
-from rankwise.commands.options import add_model_options
+from rankwise.commands.options import add_adapted_model_options, load_adapted_model
 from rankwise.errors import RankwiseError
 from rankwise.evaluate.generation import Sampling, generate
-from rankwise.models import load_model
-from rankwise.routers import load_mixture
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="generate text, streamed to the terminal")
-    add_model_options(parser)
+    add_adapted_model_options(parser)
     parser.add_argument("prompt", help="the prompt (the chat template is applied for chat models)")
-    parser.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter folder")
-    parser.add_argument("--mixture", default=None, help="mixture folder from `rankwise mix train`")
     add_sampling_options(parser)
     parser.set_defaults(func=run)
 
@@ -41,12 +36,6 @@ def sampling_from(args: argparse.Namespace) -> Sampling:
 
 def run(args: argparse.Namespace) -> None:
     sampling = sampling_from(args)
-    if args.adapter and args.mixture:
-        raise RankwiseError("give --adapter or --mixture, not both")
-    loaded = load_model(args.model, args.dtype)
-    if args.adapter:
-        load_adapter(loaded.model, args.adapter)
-    if args.mixture:
-        load_mixture(loaded.model, args.mixture)
+    loaded = load_adapted_model(args)
     generate(loaded.model, loaded.tokenizer, args.prompt, sampling, stream=True)
     sys.stdout.flush()
