@@ -51,7 +51,8 @@ def test_debug_shows_the_traceback(model_dir):
 def test_example_configs_are_valid(name):
     from pathlib import Path
 
-    from rankwise.train.config import from_mapping, load_yaml
+    from rankwise.configfile import load_yaml
+    from rankwise.train.config import from_mapping
 
     root = Path(__file__).resolve().parent.parent
     config = from_mapping(load_yaml(root / "examples" / f"{name}.yaml"))

@@ -9,9 +9,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from rankwise.adapters import LoraConfig
+from rankwise.configfile import load_yaml
 from rankwise.errors import RankwiseError
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -98,20 +97,6 @@ def from_mapping(values: dict, cls: type[TrainConfig] = TrainConfig) -> TrainCon
         return cls(**values)
     except TypeError as err:
         raise RankwiseError(f"bad config: {err}") from err
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping of config keys."""
-    file = Path(path)
-    if not file.is_file():
-        raise RankwiseError(f"config file '{file}' does not exist")
-    try:
-        values = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RankwiseError(f"'{file}' is not valid YAML: {str(err).splitlines()[0]}") from err
-    if not isinstance(values, dict):
-        raise RankwiseError(f"'{file}' must hold a mapping of config keys")
-    return values
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig] = TrainConfig) -> None:
