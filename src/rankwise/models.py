@@ -94,11 +94,17 @@ def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
         raise RankwiseError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
     path, name = resolve(spec)
     folder = gguf_to_folder(path) if path.suffix == ".gguf" else path
+    # rankwise.compress pulls in the calibration data stack: import it only when needed.
+    from rankwise.compress.storage import is_compressed, load_compressed
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=DTYPES[dtype], local_files_only=True
-        )
+        if is_compressed(folder):
+            model = load_compressed(folder, DTYPES[dtype])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=DTYPES[dtype], local_files_only=True
+            )
     except (OSError, ValueError, RuntimeError) as err:
         raise RankwiseError(f"could not load model from '{folder}': {first_line(err)}") from err
     model.eval().requires_grad_(False)

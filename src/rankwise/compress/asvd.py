@@ -1,0 +1,27 @@
+"""ASVD (arXiv 2312.05821): scale input channels by mean|activation|^α before the SVD."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from rankwise.compress.calibration import ABS_MEAN, Statistics
+from rankwise.compress.factorizer import Factorizer, Whitening
+
+
+@dataclass
+class ASVD(Factorizer):
+    """S = diag(E|x_j|)^α; the SVD of W S is truncated and S is undone on the first factor."""
+
+    name: ClassVar[str] = "asvd"
+    alpha: float = 0.5  # the paper's default exponent
+    epsilon: float = 1e-6  # added to the scales (as ASVD's code does) so S stays invertible
+
+    def input_kinds(self) -> set[str]:
+        return {ABS_MEAN}
+
+    def whitening(self, stats: Statistics, key: str) -> Whitening:
+        scales = stats.abs_mean[key].pow(self.alpha) + self.epsilon  # (in,)
+        return torch.diag(scales), torch.diag(scales.reciprocal())

@@ -1,0 +1,101 @@
+"""The compressor contract, the per-layer driver and helpers the methods share.
+
+A method is a dataclass subclass of ``Compressor`` in its own file, registered by name in
+``rankwise.compress.registry``. It declares the calibration statistics it needs and rewrites one
+decoder layer at a time, in place; the ratio is the fraction of that layer's linear-layer
+parameters to remove.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rankwise.compress.attention import A3Attention
+from rankwise.compress.calibration import Statistics
+from rankwise.compress.lowrank import LowRankLinear
+from rankwise.errors import RankwiseError
+
+# Linear layers that read the same tensor as a sibling, so one statistic serves both.
+SHARED_INPUTS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+class Compressor:
+    """Base class of compression methods; every hook raises until a method overrides it."""
+
+    name: ClassVar[str] = ""
+
+    def needs(self, model: nn.Module) -> dict[str, set[str]]:
+        """{module name: statistic kinds} whose inputs the method calibrates on."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare its statistics")
+
+    def compress_layer(self, model: nn.Module, index: int, ratio: float, stats: Statistics) -> None:
+        """Rewrite decoder layer ``index`` in place, removing a fraction ``ratio`` of parameters."""
+        raise NotImplementedError(f"{type(self).__name__} does not compress layers")
+
+    def settings(self) -> dict:
+        """The method's name and options, as the output folder records them."""
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, module list) of the model's decoder layers."""
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] == "layers" and isinstance(module, nn.ModuleList):
+            return name, module
+    raise RankwiseError("the model has no list of decoder layers to compress")
+
+
+def input_key(model: nn.Module, name: str) -> str:
+    """The module whose input statistics stand for ``name``'s input (k/v read q's input, ...)."""
+    parent, _, child = name.rpartition(".")
+    sibling = SHARED_INPUTS.get(child)
+    if sibling is not None and hasattr(model.get_submodule(parent), sibling):
+        return f"{parent}.{sibling}"
+    return name
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers of one decoder layer, by name relative to it."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def layer_ratios(ratio: float | Sequence[float], count: int) -> list[float]:
+    """One ratio per decoder layer from a single ratio or a per-layer list (mixed rank)."""
+    ratios = [float(ratio)] * count if isinstance(ratio, int | float) else list(ratio)
+    if len(ratios) != count:
+        raise RankwiseError(f"got {len(ratios)} per-layer ratios for a model of {count} layers")
+    if any(not 0.0 <= r < 1.0 for r in ratios):
+        raise RankwiseError("compression ratios must lie in [0, 1)")
+    return ratios
+
+
+def keep_count(total: int, ratio: float) -> int:
+    """How many of ``total`` channels (pairs, ranks) to keep when removing ``ratio`` of them."""
+    return max(1, round((1.0 - ratio) * total))
+
+
+def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """gram + damping·mean(diag)·I: keeps a second-moment matrix safely positive definite."""
+    shift = damping * gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    return gram + shift * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
+def compress_model(
+    model: nn.Module,
+    compressor: Compressor,
+    ratio: float | Sequence[float],
+    stats: Statistics,
+) -> None:
+    """Compress every decoder layer of ``model`` in place, showing progress per layer."""
+    if any(isinstance(m, LowRankLinear | A3Attention) for m in model.modules()):
+        raise RankwiseError("the model is already compressed; compress the original model")
+    _, layers = decoder_layers(model)
+    ratios = layer_ratios(ratio, len(layers))
+    for index in tqdm(range(len(layers)), desc=f"compress {compressor.name}", unit="layer"):
+        compressor.compress_layer(model, index, ratios[index], stats)

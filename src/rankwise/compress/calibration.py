@@ -1,0 +1,144 @@
+"""Calibration: token blocks from a data spec, and float64 statistics of module inputs.
+
+Statistics are sums over every calibration token divided by the token count, accumulated in
+float64 whatever the model's dtype (as A³ and SVD-LLM do), and collected in one forward pass of
+the uncompressed model through forward pre-hooks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from rankwise.data.formatting import encode_example
+from rankwise.data.sources import load_dataset_spec
+from rankwise.errors import RankwiseError
+
+DEFAULT_DATA = "corpus:python-docs"
+GRAM, ABS_MEAN, SQ_MEAN = "gram", "abs_mean", "sq_mean"  # E[x xᵀ], E|x_j|, E[x_j²]
+KINDS = (GRAM, ABS_MEAN, SQ_MEAN)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration token blocks (samples, seq_len) and where they came from."""
+
+    input_ids: torch.Tensor  # (samples, seq_len)
+    data: str
+    split: str
+    seed: int
+
+    def record(self) -> dict:
+        """What the output folder records about the calibration data."""
+        ids = self.input_ids.to(torch.int64).numpy().tobytes()
+        samples, seq_len = self.input_ids.shape
+        return {
+            "data": self.data,
+            "split": self.split,
+            "samples": samples,
+            "seq_len": seq_len,
+            "seed": self.seed,
+            "tokens": samples * seq_len,
+            "sha256": hashlib.sha256(ids).hexdigest(),
+        }
+
+
+def calibration_data(
+    tokenizer: PreTrainedTokenizerBase,
+    data: str = DEFAULT_DATA,
+    *,
+    samples: int = 32,
+    seq_len: int = 256,
+    seed: int = 0,
+    split: str = "train",
+) -> Calibration:
+    """``samples`` blocks of ``seq_len`` tokens drawn (by ``seed``) from the records of ``data``.
+
+    Records are encoded as training would encode them, joined into one stream and cut into
+    blocks; a seeded permutation picks which blocks, kept in stream order.
+    """
+    if samples < 1 or seq_len < 2:
+        raise RankwiseError("calibration needs at least one sample of at least two tokens")
+    stream: list[int] = []
+    for record in load_dataset_spec(data, split=split).records:
+        stream += encode_example(record, tokenizer, max_length=sys.maxsize)["input_ids"]
+    blocks = len(stream) // seq_len
+    if blocks < samples:
+        raise RankwiseError(
+            f"calibration data '{data}' holds {len(stream)} tokens, fewer than "
+            f"{samples} samples of {seq_len}; lower --samples or --seq-len"
+        )
+    ids = torch.tensor(stream[: blocks * seq_len]).view(blocks, seq_len)  # (blocks, seq_len)
+    chosen = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed))[:samples]
+    return Calibration(ids[chosen.sort().values], data, split, seed)
+
+
+@dataclass
+class Statistics:
+    """Per-module input statistics (float64), keyed by module name, over ``tokens`` tokens."""
+
+    tokens: int
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x xᵀ], (in, in)
+    abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # E|x_j|, (in,)
+    sq_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x_j²], (in,)
+
+
+def merge_needs(*needs: Mapping[str, set[str]]) -> dict[str, set[str]]:
+    """The union of several {module name: statistic kinds} requests."""
+    merged: dict[str, set[str]] = {}
+    for need in needs:
+        for name, kinds in need.items():
+            merged.setdefault(name, set()).update(kinds)
+    return merged
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    needs: Mapping[str, set[str]],
+    *,
+    batch_size: int = 4,
+) -> Statistics:
+    """Run ``model`` over ``input_ids`` (samples, seq_len) and return the requested statistics."""
+    unknown = {kind for kinds in needs.values() for kind in kinds} - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown statistic kinds {sorted(unknown)}")
+    sums: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in KINDS}
+
+    def accumulate(kind: str, name: str, value: torch.Tensor) -> None:
+        sums[kind][name] = sums[kind][name] + value if name in sums[kind] else value
+
+    def hook_for(name: str, kinds: set[str]):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (N, in)
+            if GRAM in kinds:
+                accumulate(GRAM, name, x.T @ x)
+            if ABS_MEAN in kinds:
+                accumulate(ABS_MEAN, name, x.abs().sum(0))
+            if SQ_MEAN in kinds:
+                accumulate(SQ_MEAN, name, x.square().sum(0))
+
+        return hook
+
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(hook_for(name, kinds))
+        for name, kinds in needs.items()
+    ]
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(input_ids.split(batch_size), desc="calibrate", unit="batch"):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = input_ids.numel()
+    means = {kind: {n: s.cpu() / tokens for n, s in sums[kind].items()} for kind in KINDS}
+    return Statistics(tokens, means[GRAM], means[ABS_MEAN], means[SQ_MEAN])

@@ -1,0 +1,1 @@
+"""Evaluation: generation, exact match on task data, perplexity."""
