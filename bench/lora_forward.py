@@ -85,7 +85,9 @@ def main() -> None:
     rows = []
     for name, samples in times.items():
         speed = n_tokens / statistics.median(samples)
-        rows.append([name, f"{speed:,.0f}", f"{speed / base_speed:.3f}", f"{speed / peft_speed:.3f}"])
+        rows.append(
+            [name, f"{speed:,.0f}", f"{speed / base_speed:.3f}", f"{speed / peft_speed:.3f}"]
+        )
     table = markdown_table(["variant", "tokens/s", "× bare", "× PEFT"], rows)
     body = (
         f"## LoRA forward throughput (`bench/lora_forward.py`)\n\n"
