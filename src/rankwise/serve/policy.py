@@ -1,0 +1,235 @@
+"""The serving policy: one adapter per sequence, many adapters in one batch.
+
+Every adapted layer holds the same S hot *slots* as S experts of one padded rank R, with each
+adapter's scaling folded into its B, so slot s is ``lora_A.view(S, R, in)[s]`` and
+``lora_B.T.view(S, R, out)[s]`` without a copy (``SlotPool`` keeps B column-major, so that
+view is contiguous). Slot 0 stays zero: the bare base model. The engine tells the shared
+policy which slot each sequence uses once per forward (``set_batch``); the policy then builds
+a *plan* and every layer runs it on its own factors.
+
+Plans (measured in docs/serving.md, bench/serving.py):
+
+- ``Grouped``: one pair of matrix products per adapter over its tokens. Cheapest when few
+  adapters own many tokens (prefill, or one adapter for the whole batch).
+- ``SlotMajor``: tokens are scattered into a zero-padded ``[slots, m, in]`` block and two
+  ``bmm`` run over the slot range straight on the stacked factors, so no weight is copied.
+  Cheapest when many adapters own a few tokens each (decode with distinct adapters).
+- ``Gathered``: each sequence gathers its slot's factors (``A[idx]``: a copy) and two ``bmm``
+  follow. Kept as the measured alternative: the gather copies as many bytes as the products read.
+
+The ``auto`` strategy sends adapters with many tokens to ``Grouped`` and the rest to
+``SlotMajor`` by a cost estimate, and skips slot 0.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from rankwise.adapters.layer import LowRankExperts
+
+# What one Grouped part costs, in rows of a SlotMajor block (measured on SmolLM2's q/v shapes,
+# fp32 CPU: about 25 us against 3 us). A block is as tall as its busiest slot, so a busy adapter
+# is worth its own products once that saves more block rows than this.
+GROUP_ROWS = 8
+
+
+def slot_factors(layer: LowRankExperts, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the stacked slots: A as [S, R, in] and B^T as [S, R, out] (scaling folded in)."""
+    slots = layer.lora_A.shape[0] // rank
+    a = layer.lora_A.view(slots, rank, layer.base.in_features)  # (S, R, in)
+    # (S, R, out): contiguous when B is column-major, as SlotPool stores it
+    bt = layer.lora_B.T.view(slots, rank, layer.base.out_features)
+    return a, bt
+
+
+class Plan:
+    """How one forward's low-rank term is computed; built once per forward, run by every layer."""
+
+    def __call__(self, layer: LowRankExperts, x: torch.Tensor, rank: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NoAdapter(Plan):
+    """Every sequence uses the bare base model: the low-rank term is zero."""
+
+    def __call__(self, layer: LowRankExperts, x: torch.Tensor, rank: int) -> torch.Tensor:
+        return x.new_zeros(())
+
+
+class Parts(Plan):
+    """A sum of parts, each computing the rows of the tokens it owns (other rows stay zero)."""
+
+    def __init__(self, parts: Sequence[Part]):
+        self.parts = list(parts)
+
+    def __call__(self, layer: LowRankExperts, x: torch.Tensor, rank: int) -> torch.Tensor:
+        a, bt = slot_factors(layer, rank)
+        flat = x.reshape(-1, x.shape[-1])  # (N, in), N = batch * tokens
+        if len(self.parts) == 1 and self.parts[0].rows is None:  # one part owns every token
+            return self.parts[0](flat, a, bt).view(*x.shape[:-1], -1)
+        out = flat.new_zeros(flat.shape[0], bt.shape[-1])  # (N, out)
+        for part in self.parts:
+            out.index_copy_(0, part.rows, part(flat, a, bt))
+        return out.view(*x.shape[:-1], -1)
+
+
+class Part:
+    """Some tokens' low-rank term: ``rows`` (None: all tokens, in order) -> [len(rows), out]."""
+
+    rows: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.rows is None else x.index_select(0, self.rows)
+
+
+class Grouped(Part):
+    """One adapter's tokens: (x A^T) B^T on just those rows."""
+
+    def __init__(self, slot: int, rows: torch.Tensor | None):
+        self.slot, self.rows = slot, rows
+
+    def __call__(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+        return (self.take(x) @ a[self.slot].T) @ bt[self.slot]  # (n, R) -> (n, out)
+
+
+class SlotMajor(Part):
+    """Tokens of slots lo..hi-1 scattered into a [hi-lo, m, in] block; two bmm on the factors."""
+
+    def __init__(self, rows: torch.Tensor | None, slots: torch.Tensor, height: int):
+        self.rows, self.height = rows, height
+        self.lo, self.hi = int(slots.min()), int(slots.max()) + 1
+        # Row of each token in the flattened block; None when the tokens already are the block.
+        where = (slots - self.lo) * height + rank_within(slots)
+        identity = len(where) == (self.hi - self.lo) * height and bool(
+            (where == torch.arange(len(where))).all()
+        )
+        self.where = None if identity else where
+
+    def __call__(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+        x = self.take(x)
+        block = x
+        if self.where is not None:
+            block = x.new_zeros((self.hi - self.lo) * self.height, x.shape[-1])
+            block.index_copy_(0, self.where, x)
+        block = block.reshape(self.hi - self.lo, self.height, -1)  # (S', m, in)
+        # A (x^T) rather than x A^T: the same product, but read as matrix-vector products it
+        # streams A at ~40 GB/s instead of ~28 (measured, 2 cores).
+        ht = torch.bmm(a[self.lo : self.hi], block.transpose(1, 2))  # (S', R, m)
+        y = torch.bmm(ht.transpose(1, 2), bt[self.lo : self.hi]).flatten(0, 1)  # (S' * m, out)
+        return y if self.where is None else y.index_select(0, self.where)
+
+
+class Gathered(Plan):
+    """Each sequence gathers its slot's factors, then two bmm over the batch (slot 0 included)."""
+
+    def __init__(self, slots: torch.Tensor):
+        self.slots = slots
+
+    def __call__(self, layer: LowRankExperts, x: torch.Tensor, rank: int) -> torch.Tensor:
+        a, bt = slot_factors(layer, rank)
+        h = torch.bmm(x, a[self.slots].transpose(1, 2))  # (B, T, R)
+        return torch.bmm(h, bt[self.slots])  # (B, T, out)
+
+
+def token_slots(slots: Sequence[int], tokens: int) -> torch.Tensor:
+    """The slot of every token of a [len(slots), tokens] batch, flattened row-major. (N,)"""
+    return torch.tensor(slots, dtype=torch.long).repeat_interleave(tokens)
+
+
+def plan_grouped(slots: Sequence[int], tokens: int) -> Plan:
+    """One Grouped part per adapter."""
+    per_token = token_slots(slots, tokens)
+    return parts(
+        [Grouped(s, (per_token == s).nonzero().squeeze(1)) for s in set(slots) - {0}],
+        len(per_token),
+    )
+
+
+def plan_gathered(slots: Sequence[int], tokens: int) -> Plan:
+    """The per-sequence gather (for comparison; never chosen by ``auto``)."""
+    return Gathered(torch.tensor(slots, dtype=torch.long)) if any(slots) else NoAdapter()
+
+
+def plan_auto(slots: Sequence[int], tokens: int) -> Plan:
+    """The busiest adapters get Grouped parts, the rest share one SlotMajor block.
+
+    How many go to Grouped minimises the estimated cost: GROUP_ROWS per part plus the block's
+    rows (its slot range times its busiest remaining slot's tokens).
+    """
+    per_token = token_slots(slots, tokens)
+    counts = Counter(s for s in slots if s)
+    busiest = sorted(counts, key=lambda s: -counts[s])
+    costs = [
+        k * GROUP_ROWS + (max(busiest[k:]) - min(busiest[k:]) + 1) * counts[busiest[k]] * tokens
+        if k < len(busiest)
+        else k * GROUP_ROWS
+        for k in range(len(busiest) + 1)
+    ]
+    heavy = busiest[: costs.index(min(costs))]
+    found: list[Part] = [Grouped(s, (per_token == s).nonzero().squeeze(1)) for s in heavy]
+    light = [s for s in busiest if s not in heavy]
+    if light:
+        rows = torch.isin(per_token, torch.tensor(light)).nonzero().squeeze(1)
+        found.append(SlotMajor(rows, per_token[rows], max(counts[s] for s in light) * tokens))
+    return parts(found, len(per_token))
+
+
+def parts(found: list[Part], tokens: int) -> Plan:
+    """The plan summing ``found``; a part that owns every token, in order, skips the copies."""
+    if not found:
+        return NoAdapter()
+    if len(found) == 1 and len(found[0].rows) == tokens:
+        found[0].rows = None  # rows are 0..N-1 in order (nonzero() returns them sorted)
+    return Parts(found)
+
+
+def rank_within(slots: torch.Tensor) -> torch.Tensor:
+    """For each entry, how many earlier entries hold the same slot (its row in the block)."""
+    order = torch.argsort(slots, stable=True)
+    ordered = slots[order]
+    counts = torch.bincount(ordered)
+    first = torch.cumsum(counts, 0) - counts  # where each slot's run starts in sorted order
+    pos = torch.empty_like(slots)
+    pos[order] = torch.arange(len(slots)) - first[ordered]
+    return pos
+
+
+STRATEGIES: dict[str, Callable[[Sequence[int], int], Plan]] = {
+    "auto": plan_auto,
+    "grouped": plan_grouped,
+    "gathered": plan_gathered,
+}
+
+
+class AdapterBatch(nn.Module):
+    """Policy over ``LowRankExperts`` slots: the engine sets each sequence's slot per forward."""
+
+    def __init__(self, rank: int, strategy: str = "auto"):
+        super().__init__()
+        self.rank = rank
+        self.set_strategy(strategy)
+        self.plan: Plan = NoAdapter()
+
+    def set_strategy(self, strategy: str) -> None:
+        """Choose how plans are built: one of STRATEGIES."""
+        if strategy not in STRATEGIES:
+            raise ValueError(
+                f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}"
+            )
+        self.build = STRATEGIES[strategy]
+
+    def set_batch(self, slots: Sequence[int], tokens: int) -> None:
+        """Slot of each sequence of the next forward, whose input is [len(slots), tokens]."""
+        self.plan = self.build(slots, tokens)
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.plan(layer, x, self.rank)

@@ -1,0 +1,94 @@
+"""Builders shared by the serving tests: a tiny character-level model and random adapters."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import BPE
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rankwise.adapters.inject import adaptable_modules
+from rankwise.adapters.peft_format import LoraWeights, write_adapter
+
+SPECIALS = ["<unk>", "<s>", "</s>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, so any id sequence decodes to distinct text."""
+    chars = SPECIALS + list(string.ascii_letters + string.digits + " .,:;!?-'\n")
+    core = Tokenizer(BPE({c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    """A random two-layer Llama (fp32, eval, frozen) with a 256-token context."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def random_adapter(
+    model: torch.nn.Module,
+    seed: int,
+    rank: int = 4,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    rank_pattern: dict[str, int] | None = None,
+    alpha: float = 8.0,
+) -> LoraWeights:
+    """A LoRA adapter with random A and B (B non-zero, so it changes the output)."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = {}
+    for name, linear in adaptable_modules(model).items():
+        if name.rpartition(".")[2] in targets:
+            r = (rank_pattern or {}).get(name.rpartition(".")[2], rank)
+            a = torch.randn(r, linear.in_features, generator=gen) / linear.in_features**0.5
+            b = torch.randn(linear.out_features, r, generator=gen) * 0.5
+            factors[name] = (a, b)
+    return LoraWeights(factors, {m: alpha for m in factors}, base_model="tiny")
+
+
+def write_tiny_model(folder: Path) -> LlamaForCausalLM:
+    """Save a tiny model and its tokenizer as a Hugging Face folder; returns the model."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def write_adapters(folder: Path, model: torch.nn.Module, count: int) -> list[str]:
+    """Write ``count`` adapters of mixed ranks and targets as PEFT folders named a0, a1, ..."""
+    names = []
+    for i in range(count):
+        targets = ("q_proj", "v_proj") if i % 2 else ("q_proj", "v_proj", "down_proj")
+        weights = random_adapter(model, seed=100 + i, rank=2 + 2 * (i % 3), targets=targets)
+        write_adapter(weights, folder / f"a{i}")
+        names.append(f"a{i}")
+    return names
