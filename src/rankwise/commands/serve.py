@@ -185,7 +185,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``rankwise serve`` on its own: ``python -m rankwise.commands.serve --adapters DIR ...``."""
-    parser = argparse.ArgumentParser(prog="rankwise serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rankwise serve", description="Serve many adapters on one base model (OpenAI API)."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     add_arguments(parser)
     args = parser.parse_args(argv)
