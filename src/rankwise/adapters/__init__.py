@@ -16,6 +16,7 @@ from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.adapters.peft_format import (
     LoraWeights,
     attach_adapters,
+    copy_factors,
     load_adapter,
     read_adapter,
     save_adapter,
@@ -29,6 +30,7 @@ __all__ = [
     "LoraWeights",
     "LowRankExperts",
     "attach_adapters",
+    "copy_factors",
     "count_parameters",
     "describe_trainable",
     "expert_layers",

@@ -246,13 +246,19 @@ def attach_adapters(
         for m in modules
     }
     layers = inject_experts(model, specs)
+    copy_factors(layers, adapters)
+    return layers
+
+
+@torch.no_grad()
+def copy_factors(layers: dict[str, LowRankExperts], adapters: Sequence[LoraWeights]) -> None:
+    """Copy adapter e's factors into expert e of every layer the adapter has weights for."""
     for module, layer in layers.items():
         for e, weights in enumerate(adapters):
             if module in weights.factors:
                 a, b = layer.expert_factors(e)
                 a.copy_(weights.factors[module][0])
                 b.copy_(weights.factors[module][1])
-    return layers
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, LowRankExperts]:

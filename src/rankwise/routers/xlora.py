@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
-from rankwise.adapters.peft_format import check_compatible, read_adapter
+from rankwise.adapters.peft_format import check_compatible, copy_factors, read_adapter
 from rankwise.errors import RankwiseError
 from rankwise.routers.base import (
     Router,
@@ -125,14 +125,7 @@ class XLoRA(Router):
         cls, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig
     ) -> None:
         """Copy the adapters' factors into the experts (adapter e is expert e everywhere)."""
-        loaded = [read_adapter(path) for path in config.adapters]
-        with torch.no_grad():
-            for name, layer in layers.items():
-                for e, weights in enumerate(loaded):
-                    if name in weights.factors:
-                        a, b = layer.expert_factors(e)
-                        a.copy_(weights.factors[name][0])
-                        b.copy_(weights.factors[name][1])
+        copy_factors(layers, [read_adapter(path) for path in config.adapters])
 
     @classmethod
     def head(

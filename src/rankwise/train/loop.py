@@ -23,6 +23,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rankwise.adapters import (
+    copy_factors,
     describe_trainable,
     expert_layers,
     inject_adapter,
@@ -62,13 +63,11 @@ def write_lora(model: torch.nn.Module, folder: Path, base_name: str) -> None:
 @torch.no_grad()
 def read_lora(model: torch.nn.Module, folder: Path) -> None:
     """Copy a saved adapter's factors into the model's (already injected) layers."""
-    weights = read_adapter(folder)
-    for name, layer in expert_layers(model).items():
-        if name not in weights.factors:
-            raise RankwiseError(f"checkpoint '{folder}' has no weights for {name}")
-        a, b = layer.expert_factors(0)
-        a.copy_(weights.factors[name][0])
-        b.copy_(weights.factors[name][1])
+    weights, layers = read_adapter(folder), expert_layers(model)
+    missing = sorted(set(layers) - set(weights.factors))
+    if missing:
+        raise RankwiseError(f"checkpoint '{folder}' has no weights for {missing[0]}")
+    copy_factors(layers, [weights])
 
 
 @dataclass(frozen=True)
