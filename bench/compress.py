@@ -1,17 +1,22 @@
 """Compression of the embedded model: perplexity and costs of every method against the dense model.
 
-    python bench/compression.py [--ratios 0.2 0.4] [--samples 32 --seq-len 256] [--eval-tokens 2048]
+    python bench/compress.py [--ratios 0.1 0.2 0.3] [--samples 32 --seq-len 256] [--eval-tokens 2048]
+        [--recover-ratio 0.3 --recover-steps 100]
 
 Calibration statistics for all methods are collected once, on the corpus train split, from the
 dense model; each method then compresses a fresh copy of it. Perplexity is measured on the first
 ``--eval-tokens`` tokens of the corpus test split with a sliding window, for the dense model in
-the same run. Writes the table into docs/benchmarks.md (section "compression").
+the same run. Then A³ at ``--recover-ratio`` is saved, and a LoRA adapter is trained on it for
+``--recover-steps`` steps on the corpus train split (bf16 base, r=16 on all linear layers) with
+``rankwise.train``, exactly as ``rankwise train --model COMPRESSED`` would; its perplexity is the
+"+ LoRA recovery" row. Writes the table into docs/benchmarks.md (section "compression").
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,15 +28,18 @@ from common import machine, markdown_table, write_section  # noqa: E402
 from rankwise.compress import (  # noqa: E402
     METHODS,
     calibration_data,
+    compress,
     collect_statistics,
     compress_model,
     make_compressor,
     merge_needs,
     model_costs,
+    save_compressed,
 )
 from rankwise.data.corpus import python_docs  # noqa: E402
 from rankwise.evaluate.perplexity import perplexity  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
+from rankwise.train import from_mapping, train  # noqa: E402
 
 
 def number(value: float) -> str:
@@ -39,15 +47,44 @@ def number(value: float) -> str:
     return f"{value:.2f}" if value < 1000 else f"{value:.1e}"
 
 
+def recovery_row(args, tokenizer, evaluate, base_ppl: float, base_costs) -> list[str]:
+    """A³ at ``--recover-ratio``, saved, then a LoRA adapter trained on it: the table row."""
+    model = load_model().model
+    record = compress(model, tokenizer, "a3", args.recover_ratio, samples=args.samples,
+                      seq_len=args.seq_len)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        save_compressed(model, tokenizer, f"{tmp}/model", record)
+        config = from_mapping(
+            dict(
+                model=f"{tmp}/model", data="corpus:python-docs", output_dir=f"{tmp}/adapter",
+                max_steps=args.recover_steps, seq_len=256, batch_size=4, r=16, lora_alpha=32,
+                lr=5e-4, warmup_steps=10, dtype="bfloat16", eval_every=0, save_every=0,
+            )
+        )  # fmt: skip
+        result = train(config)
+    result.model.float()
+    ppl = evaluate(result.model)
+    costs = model_costs(model)
+    return [
+        f"a3 + LoRA recovery ({args.recover_steps} steps, {result.seconds:.0f} s)",
+        f"{args.recover_ratio:g}", number(ppl), f"{number(ppl / base_ppl)}×",
+        f"{costs.params / 1e6:.1f}", f"{costs.linear_params / base_costs.linear_params:.3f}",
+        f"{costs.flops_per_token / base_costs.flops_per_token:.3f}",
+        f"{costs.kv_bytes_per_token:,}", "—",
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=2048)
+    parser.add_argument("--recover-ratio", type=float, default=0.3)
+    parser.add_argument("--recover-steps", type=int, default=100)
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -91,12 +128,16 @@ def main() -> None:
             rows.append(row)
             del model
 
+    if args.recover_steps:
+        rows.append(recovery_row(args, dense.tokenizer, evaluate, base_ppl, base_costs))
+        print(" | ".join(rows[-1]), flush=True)
+
     headers = ["method", "ratio", "perplexity", "vs dense", "params (M)",
                "decoder linear params × dense", "FLOPs/token × dense", "KV bytes/token",
                "compress s"]  # fmt: skip
     record = calib.record()
     body = (
-        "## Compressing the base model (`bench/compression.py`)\n\n"
+        "## Compressing the base model (`bench/compress.py`)\n\n"
         f"Machine: {machine()}. Model: {dense.name}, fp32. Calibration: {record['samples']} × "
         f"{record['seq_len']} tokens of `{record['data']}` ({record['split']} split, seed "
         f"{record['seed']}), statistics collected once from the dense model in "
