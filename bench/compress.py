@@ -1,7 +1,7 @@
 """Compression of the embedded model: perplexity and costs of every method against the dense model.
 
-    python bench/compress.py [--ratios 0.1 0.2 0.3] [--samples 32 --seq-len 256] [--eval-tokens 2048]
-        [--recover-ratio 0.3 --recover-steps 100]
+    python bench/compress.py [--ratios 0.1 0.2 0.3] [--samples 32 --seq-len 256]
+        [--eval-tokens 2048] [--recover-ratio 0.3 --recover-steps 100]
 
 Calibration statistics for all methods are collected once, on the corpus train split, from the
 dense model; each method then compresses a fresh copy of it. Perplexity is measured on the first
@@ -28,8 +28,8 @@ from common import machine, markdown_table, write_section  # noqa: E402
 from rankwise.compress import (  # noqa: E402
     METHODS,
     calibration_data,
-    compress,
     collect_statistics,
+    compress,
     compress_model,
     make_compressor,
     merge_needs,

@@ -177,10 +177,11 @@ def speed(args: argparse.Namespace) -> None:
             f"{DEFAULT_MODEL}, LoRA r=16 α=32 on all linear layers, packed Python docs, "
             f"batch 4 × 256 tokens, {args.steps} steps of AdamW, each variant in its own "
             f"process.\n\n{table}\n\n"
-            "Target: rankwise bf16-base ≥ 2× PEFT fp32 tokens/s, validation loss within 2% of fp32. "
-            "All three share the training loop's loss, whose output head runs in 128-row pieces "
-            "(`HEAD_ROWS`). With a bf16 base, rankwise runs the LoRA products in bf16 from its fp32 "
-            "factors (no activation is converted); gradients, factors and AdamW state stay fp32."
+            "Target: rankwise bf16-base ≥ 2× PEFT fp32 tokens/s, validation loss within 2% of "
+            "fp32. All three share the training loop's loss, whose output head runs in 128-row "
+            "pieces (`HEAD_ROWS`). With a bf16 base, rankwise runs the LoRA products in bf16 from "
+            "its fp32 factors (no activation is converted); gradients, factors and AdamW state "
+            "stay fp32."
         ),
     )
 

@@ -155,7 +155,7 @@ def summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     targets = batch["labels"][:, 1:]  # (B, T-1)
     keep = targets != IGNORE_INDEX
     head = model.get_output_embeddings()
-    pieces = zip(hidden[:, :-1][keep].split(HEAD_ROWS), targets[keep].split(HEAD_ROWS))
+    pieces = zip(hidden[:, :-1][keep].split(HEAD_ROWS), targets[keep].split(HEAD_ROWS), strict=True)
     return sum(
         torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum") for h, t in pieces
     )
