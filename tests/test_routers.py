@@ -205,3 +205,33 @@ def test_xlora_scaling_pass_value_changes_the_first_pass(tmp_path, tokens):
         build_mixture(model, config)
         logits.append(model(tokens).logits)
     assert (logits[0] - logits[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("pass_value", [0.0, 1.0])
+def test_xlora_generation_with_kv_cache_equals_full_recompute(tmp_path, tokens, pass_value):
+    folders = []
+    for seed in range(2):
+        donor = tiny_llama()
+        torch.manual_seed(seed)
+        for layer in inject_adapter(donor, LoraConfig(r=2, target_modules=["q_proj"])).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.3)
+        folders.append(str(save_adapter(donor, tmp_path / f"a{seed}")))
+    model = tiny_llama()
+    torch.manual_seed(0)
+    config = RouterConfig(router="xlora", adapters=folders, scaling_pass_value=pass_value)
+    build_mixture(model, config)
+    runs = [
+        model.generate(
+            tokens[:, :5],
+            max_new_tokens=6,
+            do_sample=False,
+            use_cache=cache,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
+        )  # fmt: skip
+        for cache in (True, False)
+    ]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for cached, full in zip(runs[0].logits, runs[1].logits, strict=True):
+        torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)

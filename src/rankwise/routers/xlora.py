@@ -7,7 +7,10 @@ scalings over the experts (one set per adapted module when ``layerwise``), a sof
 ``temperature``. The second pass applies them. Unlike PEFT's implementation, top-k keeps the k
 largest scalings renormalised to sum 1 per token, and only the selected experts run.
 
-The two passes need the whole sequence each time, so generation runs without a KV cache.
+Generation keeps a KV cache for each pass: the scaling pass has its own cache beside the
+model's, so each decoding step runs both passes on the new token only (PEFT's X-LoRA disables
+the cache and re-reads the whole sequence twice per token). With ``scaling_pass_value`` 0 the
+scaling pass is exactly the bare base model.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from itertools import pairwise
 
 import torch
 from torch import nn
+from transformers import Cache, DynamicCache
 
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.adapters.peft_format import check_compatible, copy_factors, read_adapter
@@ -68,22 +72,34 @@ class XLoRAHead(nn.Module):
         self.state = Scalings()
         for layer in layers.values():
             layer.policy.state = self.state
+        self.cache: Cache | None = None  # the scaling pass's KV cache during generation
         self.hook = model.get_decoder().register_forward_pre_hook(self.scale, with_kwargs=True)
-        # Each step reclassifies the whole sequence, so generation cannot reuse a KV cache.
-        model.generation_config.use_cache = False
 
     def scale(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Run the scaling pass and the classifier; the hooked call then does the real pass."""
+        """Run the scaling pass and the classifier; the hooked call then does the real pass.
+
+        When the real pass brings a KV cache (generation), the scaling pass continues its own
+        cache in step with it: a fresh one when the real cache is empty (a new generation).
+        """
         if self.state.scaling_pass:
             return
         keys = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
         inputs = {k: kwargs.get(k) for k in keys}
         if args:
             inputs["input_ids"] = args[0]
+        real = kwargs.get("past_key_values")
+        if real is None:
+            self.cache = None
+        elif real.get_seq_length() == 0:
+            self.cache = DynamicCache(config=decoder.config)
+        elif self.cache is None or self.cache.get_seq_length() != real.get_seq_length():
+            raise RankwiseError("X-LoRA: the scaling pass's KV cache is out of step with the model")
         self.state.scaling_pass = True
         try:
             with torch.no_grad():
-                hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+                hidden = decoder(
+                    **inputs, past_key_values=self.cache, use_cache=self.cache is not None
+                ).last_hidden_state  # (B, T, H)
         finally:
             self.state.scaling_pass = False
         logits = self.classifier(hidden.to(self.classifier[0].weight.dtype))
