@@ -100,3 +100,25 @@ def test_only_adapter_parameters_train(layer):
     assert set(layer.adapter_params()) == {"lora_A", "lora_B"}
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A", "lora_B"}
+
+
+@pytest.mark.parametrize("ranks", [[3, 3, 3], [2, 4, 1]])
+def test_expert_outputs_are_each_experts_product(ranks):
+    layer = LowRankExperts(nn.Linear(8, 5), [ExpertSpec(r, 1.0) for r in ranks])
+    nn.init.normal_(layer.lora_B)
+    h = torch.randn(2, 4, sum(ranks))
+    expected = [h[..., layer.expert_slice(e)] @ layer.expert_factors(e)[1].T for e in range(3)]
+    torch.testing.assert_close(layer.expert_outputs(h), torch.stack(expected, dim=-2))
+
+
+def test_bf16_base_runs_products_in_bf16_with_fp32_factors():
+    layer = LowRankExperts(nn.Linear(8, 5).to(torch.bfloat16), [ExpertSpec(4, 8.0)])
+    nn.init.normal_(layer.lora_B)
+    assert layer.lora_A.dtype == torch.float32
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    reference = layer.base(x).float() + 2.0 * (x.float() @ layer.lora_A.T) @ layer.lora_B.T
+    torch.testing.assert_close(y.float(), reference, atol=0.1, rtol=0.02)
+    y.sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32

@@ -145,6 +145,47 @@ def test_radargate_starts_as_softmax_weighted_sum(tokens):
     torch.testing.assert_close(router.last_gates.sum(-1), torch.ones(2))
 
 
+def radargate_layer(theta: float):
+    """A RadarGate layer with random experts, fusion and angles near ``theta``."""
+    _, built = mixture("radargate", num_experts=3)
+    layer = built.layers["model.layers.0.self_attn.v_proj"]
+    router = layer.policy
+    with torch.no_grad():
+        router.fuse.normal_()
+        router.angle.weight.normal_(std=0.01)
+        router.angle.bias.fill_(theta)
+    return layer, router
+
+
+def test_radargate_rank_space_forward_equals_explicit_rotations():
+    layer, router = radargate_layer(0.8)
+    x = torch.randn(2, 5, layer.base.in_features)
+    weights = torch.softmax(router.stretch(x), -1)
+    _, rotated = router.expert_views(layer, x)  # the explicit form, (B, T, E, out)
+    expected = (weights.unsqueeze(-1) * rotated).sum(-2)
+    torch.testing.assert_close(router(layer, x, None), expected, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        layer.lora_B.zero_()  # B = 0 at init: zero output, finite gradients
+    router(layer, x, None).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in router.parameters() if p.grad is not None)
+
+
+def test_radargate_output_can_leave_the_cone_of_expert_outputs():
+    """A gated sum lies in the cone of the experts' outputs; a rotation can take it out."""
+    layer, router = radargate_layer(2.5)
+    x = torch.randn(1, layer.base.in_features)
+    outputs, _ = router.expert_views(layer, x)  # (1, E, out): independent directions
+    y = router(layer, x, None)
+    coefficients = torch.linalg.lstsq(outputs[0].T, y[0].unsqueeze(-1)).solution[:, 0]
+    torch.testing.assert_close(coefficients @ outputs[0], y[0], atol=1e-5, rtol=1e-4)
+    assert (coefficients < -1e-3).any()  # unique coordinates, one negative: outside the cone
+    with torch.no_grad():
+        router.angle.bias.zero_()
+        router.angle.weight.zero_()
+    plain = torch.linalg.lstsq(outputs[0].T, router(layer, x, None)[0].unsqueeze(-1)).solution
+    assert (plain >= -1e-5).all()  # theta = 0: the softmax-weighted sum, inside the cone
+
+
 def test_xlora_trains_only_classifier_and_top_k_runs_only_chosen(tmp_path, tokens):
     folders = []
     for seed in range(3):

@@ -140,8 +140,13 @@ class LowRankExperts(nn.Module):
     def expert_outputs(self, h: torch.Tensor) -> torch.Tensor:
         """Each expert's output from rank-space activations, one product per expert.
 
-        (..., R) -> (..., E, out); a hook for policies that transform experts' outputs.
+        (..., R) -> (..., E, out); a hook for policies that transform experts' outputs. Experts
+        of one rank take a single batched product.
         """
+        num, rank = self.num_experts, self.ranks[0]
+        if self.ranks == [rank] * num:
+            b = self.lora_B.to(h.dtype).view(-1, num, rank).transpose(0, 1)  # (E, out, r)
+            return (h.unflatten(-1, (num, rank)).unsqueeze(-2) @ b.transpose(1, 2)).squeeze(-2)
         return torch.stack(
             [
                 h[..., self.expert_slice(e)] @ self.expert_factors(e)[1].T

@@ -135,8 +135,12 @@ def routed_sum(
     """sum_k w_k s_e B_e A_e x over each token's chosen experts only.
 
     Tokens are grouped by expert and each group costs one product with A_e and one with B_e,
-    so an expert no token chose never runs. x (..., in), weights and chosen (..., k).
+    so an expert no token chose never runs. x (..., in), weights and chosen (..., k). When k
+    is every expert (dense gates) there is nothing to skip: two products for all experts.
     """
+    if chosen.shape[-1] == layer.num_experts:
+        gates = dense_gates(weights, chosen, layer.num_experts)
+        return layer.up(layer.down(x) * layer.rank_gate(gates))
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
     w = weights.reshape(flat.shape[0], -1)  # (N, k)
     idx = chosen.reshape(flat.shape[0], -1)  # (N, k)

@@ -9,6 +9,8 @@ the rest), then a softmax stretch gate w_e(x) scales the rotated outputs:
     y = sum_e w_e(x) R(o_e, f_e, theta_e(x)) o_e
 
 theta starts at zero, so at initialisation RadarGate is a softmax-weighted sum of experts.
+The forward never forms the experts' outputs: each rotated output lies in the plane of o_e and
+f_e, so the whole sum reduces to per-expert coefficients applied in rank space.
 """
 
 from __future__ import annotations
@@ -80,7 +82,39 @@ class RadarGate(Router):
     def forward(
         self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
     ) -> torch.Tensor:
+        """sum_e w_e R(o_e, f_e, theta_e) o_e, computed in rank space (see ``expert_coefficients``)."""
         weights = torch.softmax(self.stretch(x), dim=-1)  # (..., E)
         self.last_gates = weights.detach()
-        _, rotated = self.expert_views(layer, x)
-        return (weights.unsqueeze(-1) * rotated).sum(-2)
+        h = layer.down(x) * layer.rank_scaling  # (..., R): o_e = B_e h_e
+        coefficients = self.expert_coefficients(layer, h, weights, self.angle(x))
+        return layer.up(h * coefficients[..., layer.rank_owner])
+
+    def expert_coefficients(
+        self, layer: LowRankExperts, h: torch.Tensor, weights: torch.Tensor, theta: torch.Tensor
+    ) -> torch.Tensor:
+        """c with sum_e w_e R(o_e, f_e, theta_e) o_e = sum_j c_j o_j. (..., E)
+
+        The rotation keeps o_e in the plane of o_e and f_e = sum_j M_ej o_j, so the rotated
+        output is a_e o_e + b_e f_e, with a_e and b_e from the dot products o.o, f.o and f.f
+        alone. Those come from the Gram matrix G_ij = o_i . o_j = h_i^T B_i^T B_j h_j, formed
+        in rank space from B^T B, so no expert's output is ever materialised: the cost is two
+        products with A and B like a plain LoRA, plus O(R^2) per token. ``rotate`` is the
+        explicit form (a test checks they agree).
+        """
+        num = layer.num_experts
+        rank = layer.lora_A.shape[0] // num
+        parts = h.unflatten(-1, (num, rank))  # (..., E, r)
+        b = layer.lora_B.to(h.dtype)
+        gram_b = (b.T @ b).view(num, rank, num, rank)  # B_i^T B_j blocks
+        gram = torch.einsum("...ir,irjs,...js->...ij", parts, gram_b, parts)  # (..., E, E)
+        fuse = self.fuse.to(h.dtype)
+        oo = gram.diagonal(dim1=-2, dim2=-1)  # (..., E)
+        fo = torch.einsum("ej,...je->...e", fuse, gram)
+        ff = torch.einsum("ej,...jk,ek->...e", fuse, gram, fuse)
+        # Clamped before the square roots, so a zero output (B = 0 at init) has zero gradient.
+        norm = oo.clamp_min(EPS**2).sqrt()  # |o_e|
+        along = fo / norm.square()  # f_e - along * o_e is the part of f_e orthogonal to o_e
+        rest = (ff - 2 * along * fo + along.square() * oo).clamp_min(EPS**2).sqrt()
+        b_coef = torch.sin(theta) * norm / rest
+        a_coef = torch.cos(theta) - b_coef * along
+        return weights * a_coef + torch.einsum("...e,ej->...j", weights * b_coef, fuse)

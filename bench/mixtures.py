@@ -1,0 +1,205 @@
+"""Mixtures of LoRA experts on the built-in tasks: accuracy and speed of every router.
+
+    python bench/mixtures.py --adapters runs/task-adapters [--steps 300] [--n 30]
+
+A single LoRA of total rank R and each router (MoLA, SMoRA, FlyLoRA, RadarGate) are trained with
+the same loop and settings on all built-in tasks mixed together (bf16 base, fp32 adapters), with
+a trainable-parameter budget of about one rank-R LoRA each (FlyLoRA trains only B, so it gets
+2R ranks). X-LoRA mixes the per-task adapters of ``bench/finetune.py quality`` (``--adapters``)
+and trains only its classifier. Each is scored by greedy exact match per task, and timed on
+greedy decoding of a fixed batch; PEFT's X-LoRA on the same adapters and the bare base model
+are timed in the same run. Writes the table into docs/benchmarks.md (section "mixtures").
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, write_section  # noqa: E402
+from merging import task_adapters  # noqa: E402
+
+from rankwise.adapters import expert_layers  # noqa: E402
+from rankwise.data.formatting import encode_prompt  # noqa: E402
+from rankwise.data.tasks import TASKS  # noqa: E402
+from rankwise.evaluate.accuracy import exact_match  # noqa: E402
+from rankwise.evaluate.generation import left_padded  # noqa: E402
+from rankwise.mixture.train import MixConfig, MixtureRecipe  # noqa: E402
+from rankwise.models import load_model  # noqa: E402
+from rankwise.train import from_mapping, train  # noqa: E402
+
+
+def variants(rank: int, adapters: list[str]) -> dict[str, dict]:
+    """Each variant's settings (scaling alpha / r = 2 throughout); None marks the single LoRA."""
+    experts = 4
+    return {
+        f"single LoRA r={rank}": {"r": rank, "lora_alpha": 2 * rank},
+        f"mola {experts}×r{rank // experts} top-2": {
+            "router": "mola", "r": rank // experts, "lora_alpha": 2 * rank // experts,
+            "num_experts": experts, "top_k": 2, "aux_coef": 0.001,
+        },
+        f"smora R={rank} top-{rank // 4}": {
+            "router": "smora", "r": rank, "lora_alpha": 2 * rank, "top_k": rank // 4,
+        },
+        f"flylora R={2 * rank} top-{rank // 4}": {
+            "router": "flylora", "r": 2 * rank, "lora_alpha": 4 * rank, "top_k": rank // 4,
+        },
+        f"radargate {experts}×r{rank // experts}": {
+            "router": "radargate", "r": rank // experts, "lora_alpha": 2 * rank // experts,
+            "num_experts": experts, "top_k": 0,
+        },
+        f"xlora {len(adapters)} task adapters": {
+            "router": "xlora", "adapters": adapters, "top_k": 0,
+        },
+    }  # fmt: skip
+
+
+def decode_speed(model, tokenizer, prompts: list[str], new_tokens: int, **kwargs) -> float:
+    """Greedy decoding tokens/s of one batch that generates exactly ``new_tokens`` per prompt."""
+    inputs = left_padded([encode_prompt(p, tokenizer) for p in prompts], tokenizer.pad_token_id)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(2):  # the first run also warms up
+            start = time.perf_counter()
+            model.generate(
+                **inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                pad_token_id=tokenizer.pad_token_id, **kwargs,
+            )  # fmt: skip
+            best = min(best, time.perf_counter() - start)
+    return len(prompts) * new_tokens / best
+
+
+def peft_xlora_speed(adapters: dict[str, Path], prompts, new_tokens: int) -> float:
+    """PEFT's X-LoRA (dense scalings, one-layer classifier) on the same adapters, bf16 base."""
+    from peft import XLoraConfig, get_peft_model
+
+    loaded = load_model(dtype="bfloat16")
+    loaded.model.config.use_cache = False  # PEFT's X-LoRA refuses a KV cache
+    config = XLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=loaded.model.config.hidden_size,
+        xlora_depth=1,
+        adapters={str(i): str(path) for i, path in enumerate(adapters.values())},  # PEFT's names
+    )
+    model = get_peft_model(loaded.model, config).eval()
+    return decode_speed(model, loaded.tokenizer, prompts, new_tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapters", type=Path, required=True, help="one adapter per task")
+    parser.add_argument("--rank", type=int, default=32, help="total rank R of each variant")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--n", type=int, default=30, help="test items per task")
+    parser.add_argument("--decode-batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--only", nargs="*", default=None, help="variant name prefixes to run")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    folders = task_adapters(args.adapters)
+    tests = [{**r, "task": name} for name in folders for r in TASKS[name].test_set(args.n, seed=0)]
+    prompts = [r["prompt"] for r in tests[:: max(1, len(tests) // args.decode_batch)]]
+    prompts = prompts[: args.decode_batch]
+    base = load_model(dtype="bfloat16")
+    base_speed = decode_speed(base.model, base.tokenizer, prompts, args.new_tokens)
+    print(f"base model: {base_speed:.1f} tok/s", flush=True)
+    del base
+
+    common = dict(
+        data="task:all", train_examples=1000, max_steps=args.steps, batch_size=8, lr=args.lr,
+        warmup_steps=20, dtype="bfloat16", target_modules="all-linear", eval_every=0,
+        save_every=0, log_every=10,
+    )  # fmt: skip
+    results: dict[str, dict] = {}
+    for label, settings in variants(args.rank, [str(p) for p in folders.values()]).items():
+        if args.only is not None and not any(label.startswith(o) for o in args.only):
+            continue
+        with tempfile.TemporaryDirectory() as out:
+            if "router" in settings:
+                config = MixConfig(**{**common, **settings, "output_dir": out})
+                recipe = MixtureRecipe(config)
+                result = train(config, hooks=recipe.hooks())
+                trainable = sum(p.numel() for p in recipe.built.trainable())
+            else:
+                result = train(from_mapping({**common, **settings, "output_dir": out}))
+                trainable = sum(
+                    p.numel()
+                    for layer in expert_layers(result.model).values()
+                    for p in layer.adapter_params().values()
+                )
+        model = result.model.eval()
+        scores = exact_match(model, result.tokenizer, tests, batch_size=32)
+        speed = decode_speed(model, result.tokenizer, prompts, args.new_tokens)
+        results[label] = {
+            "scores": {name: scores[name]["accuracy"] for name in folders},
+            "trainable": trainable,
+            "train_tok_s": result.tokens_per_second,
+            "decode_tok_s": speed,
+        }
+        if settings.get("router") == "xlora":
+            results[label]["uncached_tok_s"] = decode_speed(
+                model, result.tokenizer, prompts, args.new_tokens, use_cache=False
+            )
+        print(label, results[label], flush=True)
+        del model, result
+
+    peft_speed = peft_xlora_speed(folders, prompts, args.new_tokens)
+    print(f"PEFT X-LoRA: {peft_speed:.1f} tok/s", flush=True)
+    write_table(args, folders, results, base_speed, peft_speed, time.perf_counter() - start)
+
+
+def write_table(args, folders, results, base_speed: float, peft_speed: float, seconds: float):
+    """The accuracy and speed table into docs/benchmarks.md."""
+    single = next((r for label, r in results.items() if label.startswith("single")), None)
+    reference = single["decode_tok_s"] if single else base_speed
+    tasks = list(folders)
+    rows = []
+    for label, r in results.items():
+        mean = sum(r["scores"].values()) / len(tasks)
+        rows.append(
+            [label, *(f"{100 * r['scores'][t]:.0f}" for t in tasks), f"{100 * mean:.1f}",
+             f"{r['trainable']:,}", f"{r['train_tok_s']:.0f}",
+             f"{r['decode_tok_s']:.0f}", f"{r['decode_tok_s'] / reference:.2f}"]
+        )  # fmt: skip
+        if "uncached_tok_s" in r:
+            rows.append(
+                [f"{label}, no KV cache", *[""] * len(tasks), "", "", "",
+                 f"{r['uncached_tok_s']:.0f}", f"{r['uncached_tok_s'] / reference:.2f}"]
+            )  # fmt: skip
+    rows.append(["PEFT X-LoRA (same adapters, untrained classifier)", *[""] * len(tasks), "", "",
+                 "", f"{peft_speed:.0f}", f"{peft_speed / reference:.2f}"])  # fmt: skip
+    rows.append(["base model, no adapter", *[""] * len(tasks), "", "", "",
+                 f"{base_speed:.0f}", f"{base_speed / reference:.2f}"])  # fmt: skip
+    headers = ["variant", *tasks, "mean EM %", "trainable params", "train tok/s", "decode tok/s",
+               "× single LoRA"]  # fmt: skip
+    body = (
+        "## Mixtures of LoRA experts (`bench/mixtures.py`)\n\n"
+        f"Machine: {machine()}. Model: SmolLM2-135M-Instruct, bf16 base, fp32 adapters on all "
+        f"linear layers. Every variant trains {args.steps} steps (batch 8, lr {args.lr}, AdamW, "
+        "cosine) on the six built-in tasks mixed (1000 examples each); X-LoRA trains only its "
+        f"classifier over the per-task adapters in `{args.adapters}`. Exact match: greedy, "
+        f"{args.n} test items per task. Decoding: {args.decode_batch} prompts × "
+        f"{args.new_tokens} new tokens, greedy, KV cache, best of two. PEFT's X-LoRA (dense "
+        "scalings, no KV cache, which it refuses) runs on the same adapters in the same run. "
+        f"Total time {seconds:.0f} s.\n\n"
+        f"Command: `python bench/mixtures.py {shlex.join(sys.argv[1:])}`\n\n"
+        + markdown_table(headers, rows)
+        + "\n\nTargets: MoLA, SMoRA, FlyLoRA and RadarGate decode at ≥ 0.75× the single LoRA; "
+        "rankwise X-LoRA at ≥ 1.2× PEFT's X-LoRA; at least one router above the single LoRA's "
+        "mean exact match."
+    )
+    write_section("mixtures", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
