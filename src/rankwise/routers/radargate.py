@@ -82,7 +82,7 @@ class RadarGate(Router):
     def forward(
         self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
     ) -> torch.Tensor:
-        """sum_e w_e R(o_e, f_e, theta_e) o_e, computed in rank space (see ``expert_coefficients``)."""
+        """sum_e w_e R(o_e, f_e, theta_e) o_e, in rank space (see ``expert_coefficients``)."""
         weights = torch.softmax(self.stretch(x), dim=-1)  # (..., E)
         self.last_gates = weights.detach()
         h = layer.down(x) * layer.rank_scaling  # (..., R): o_e = B_e h_e
