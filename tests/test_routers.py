@@ -49,8 +49,10 @@ def test_mola_aux_loss_is_switch_loss(tokens):
     loss = built.aux_loss()
     assert loss.requires_grad
     expected = 0.0
-    for router in built.routers.values():
-        probs = router.last_probs.reshape(-1, 4)
+    for block in range(4):  # one loss per block over the tokens of its routers (q and v) joined
+        probs = torch.cat(
+            [built.routers[f"model.layers.{block}.self_attn.{m}_proj"].last_probs for m in "qv"]
+        ).reshape(-1, 4)
         top = probs.topk(2, dim=-1).indices
         share = torch.zeros(4).index_add(0, top.reshape(-1), torch.ones(top.numel())) / top.numel()
         expected += 0.001 * 4 * (share * probs.mean(0)).sum()
@@ -276,3 +278,15 @@ def test_xlora_generation_with_kv_cache_equals_full_recompute(tmp_path, tokens, 
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     for cached, full in zip(runs[0].logits, runs[1].logits, strict=True):
         torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["gaussian", "init_b"])
+def test_rank_experts_initialise_as_one_lora_of_rank_r(scheme):
+    """SMoRA's R rank-1 experts start like one rank-R LoRA: A ~ N(0, 1/R^2), B's fan-in R."""
+    config = RouterConfig(router="smora", r=16, top_k=4, init=scheme, target_modules=["q_proj"])
+    layer = build_mixture(tiny_llama(), config).layers["model.layers.0.self_attn.q_proj"]
+    if scheme == "gaussian":
+        assert abs(layer.lora_A.std().item() - 1 / 16) < 0.01
+    else:  # Kaiming-uniform with a = sqrt(5) over fan-in R: bound 1 / sqrt(R)
+        assert layer.lora_B.abs().max().item() <= 1 / 4 + 1e-6
+        assert layer.lora_B.abs().max().item() > 0.2

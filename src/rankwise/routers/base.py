@@ -97,8 +97,10 @@ class Router(nn.Module):
     ) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not implement forward")
 
-    def aux_loss(self) -> torch.Tensor:
-        """An auxiliary loss of the last forward, added to the training loss (none by default)."""
+    @classmethod
+    def aux_loss(cls, routers: dict[str, Router]) -> torch.Tensor:
+        """The auxiliary loss of a mixture's last forward, from all its routers by module name,
+        added to the training loss (none by default)."""
         return torch.zeros(())
 
     def step_counts(self) -> list[torch.Tensor]:

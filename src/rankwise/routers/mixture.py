@@ -47,8 +47,8 @@ class Mixture:
         return params + list(self.head.parameters())
 
     def aux_loss(self) -> torch.Tensor:
-        """Sum of the routers' auxiliary losses of the last forward."""
-        return sum((router.aux_loss() for router in self.routers.values()), torch.zeros(()))
+        """The routers' auxiliary loss of the last forward."""
+        return ROUTERS[self.config.router].aux_loss(self.routers)
 
     def step_counts(self) -> list[torch.Tensor]:
         """Every router's per-step counters (summed over processes before ``after_step``)."""

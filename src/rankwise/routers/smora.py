@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rankwise.adapters.init import INIT_SCHEMES
 from rankwise.adapters.inject import select_targets
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.errors import RankwiseError
@@ -48,6 +49,15 @@ class BalancedRanks(Router):
     @classmethod
     def check(cls, config: RouterConfig) -> None:
         check_rank_top_k(config)
+
+    @classmethod
+    def initialise(
+        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig
+    ) -> None:
+        """Initialise the R rank-1 experts as one rank-R LoRA (fan-ins and scales of rank R)."""
+        with torch.no_grad():
+            for layer in layers.values():
+                INIT_SCHEMES[config.init](layer.lora_A, layer.lora_B)
 
     def count(self, chosen: torch.Tensor) -> None:
         """Add the ranks chosen in a training forward to the load of this step."""

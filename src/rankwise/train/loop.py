@@ -210,7 +210,9 @@ def train(
     torch.manual_seed(config.seed)
     params = hooks.attach(model, config)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     examples, skipped = build_examples(
         config.data, tokenizer, config, "train", config.train_examples
