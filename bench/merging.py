@@ -1,6 +1,6 @@
 """Merging per-task adapters: exact match and retained score of each method, PEFT alongside.
 
-    python bench/merging.py --adapters DIR [--ranks 4 8 16] [--n 50] [--weight 1.0]
+    python bench/merging.py --adapters DIR [--ranks 4 8 16] [--n 50] [--weights 1.0 0.5]
 
 DIR holds one PEFT adapter folder per built-in task, named after the task (rankwise.data.tasks).
 All adapters are merged into one with every rankwise method at each rank k, and with PEFT's
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import shlex
 import sys
 import time
@@ -72,7 +73,9 @@ def with_adapter(model, weights: LoraWeights, evaluate: Callable[[], Scores]) ->
         remove_experts(model)
 
 
-def row(label: str, k: object, scores: Scores, own: Scores, extra: list[object]) -> list[object]:
+def row(
+    label: str, weight: object, k: object, scores: Scores, own: Scores, extra: list[object]
+) -> list[object]:
     """A table row: per task 'EM (retained)', the means, then the extra columns."""
     cells, kept = [], []
     for name, value in scores.items():
@@ -82,7 +85,7 @@ def row(label: str, k: object, scores: Scores, own: Scores, extra: list[object])
         cells.append(f"{100 * value:.0f}{suffix}")
     mean = 100 * sum(scores.values()) / len(scores)
     mean_kept = f"{100 * sum(kept) / len(kept):.0f}" if kept else "n/a"
-    return [label, k, *cells, f"{mean:.1f}", mean_kept, *extra]
+    return [label, weight, k, *cells, f"{mean:.1f}", mean_kept, *extra]
 
 
 def main() -> None:
@@ -92,7 +95,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--peft", nargs="+", default=["svd", "ties", "dare_ties"])
     parser.add_argument("--n", type=int, default=50, help="test items per task")
-    parser.add_argument("--weight", type=float, default=1.0, help="weight of every adapter")
+    parser.add_argument(
+        "--weights", type=float, nargs="+", default=[1.0], help="weight of every adapter (a sweep)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="test sets, DARE and k-means")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
@@ -122,40 +127,52 @@ def main() -> None:
         for name in folders
     }
     print(f"base {base}\nown {own}", file=sys.stderr)
-    rows = [row("base model", "", base, own, ["", ""]), row("own adapter", "", own, own, ["", ""])]
-    weights = [args.weight] * len(adapters)
+    rows = [
+        row("base model", "", "", base, own, ["", ""]),
+        row("own adapter", "", "", own, own, ["", ""]),
+    ]
     densities = {"ties": TIES_DENSITY, "dare_linear": DARE_DENSITY, "dare_ties": DARE_DENSITY}
-    for method in args.methods:
-        for k in args.ranks:
-            tic = time.perf_counter()
-            merged, report = merge_adapters(
-                list(adapters.values()),
-                method,
-                weights,
-                rank=k,
-                seed=args.seed,
-                density=densities.get(method),
-                names=list(folders),
-            )
-            seconds = time.perf_counter() - tic
-            scores = with_adapter(model, merged, evaluate())
-            print(f"{method} k={k}: {scores}", file=sys.stderr)
-            extra = [f"{100 * report.discarded:.1f}", f"{seconds:.2f}"]
-            rows.append(row(f"rankwise {method}", k, scores, own, extra))
-    rows += peft_rows(args, copy.deepcopy(model), folders, weights, densities, evaluate, own)
+    for weight, method, k in itertools.product(args.weights, args.methods, args.ranks):
+        weights = [weight] * len(adapters)
+        tic = time.perf_counter()
+        merged, report = merge_adapters(
+            list(adapters.values()),
+            method,
+            weights,
+            rank=k,
+            seed=args.seed,
+            density=densities.get(method),
+            names=list(folders),
+        )
+        seconds = time.perf_counter() - tic
+        scores = with_adapter(model, merged, evaluate())
+        print(f"{method} w={weight} k={k}: {scores}", file=sys.stderr)
+        extra = [f"{100 * report.discarded:.1f}", f"{seconds:.2f}"]
+        rows.append(row(f"rankwise {method}", weight, k, scores, own, extra))
+    rows += peft_rows(args, copy.deepcopy(model), folders, densities, evaluate, own)
 
     tasks = list(folders)
-    headers = ["merge", "k", *tasks, "mean EM %", "mean retained %", "discarded %", "merge s"]
+    headers = [
+        "merge",
+        "weight",
+        "k",
+        *tasks,
+        "mean EM %",
+        "mean retained %",
+        "discarded %",
+        "merge s",
+    ]
     ranks = sorted({a.rank(m) for a in adapters.values() for m in a.factors})
     body = (
         "## Merging per-task adapters (`bench/merging.py`)\n\n"
         f"Machine: {machine()}. Model: {loaded.name}, fp32. Adapters: {len(adapters)} per-task "
         f"LoRA adapters of rank {'/'.join(map(str, ranks))} from `{args.adapters}`, all merged "
-        f"into one, weight {args.weight} each; density {TIES_DENSITY} for ties, {DARE_DENSITY} "
-        f"for dare_*; seed {args.seed}. Score: greedy exact match on {args.n} test items per "
-        "task, as 'EM % (retained %)', retained = EM of the merged adapter over EM of the "
-        "task's own adapter. PEFT rows are `add_weighted_adapter` on the same adapters in the "
-        "same run (ties and dare_ties merge A and B separately at the adapters' rank). "
+        "into one, every adapter with the same weight (column weight); density "
+        f"{TIES_DENSITY} for ties, {DARE_DENSITY} for dare_*; seed {args.seed}. Score: greedy "
+        f"exact match on {args.n} test items per task, as 'EM % (retained %)', retained = EM "
+        "of the merged adapter over EM of the task's own adapter. PEFT rows are "
+        "`add_weighted_adapter` on the same adapters in the same run (ties and dare_ties merge "
+        "A and B separately at the adapters' rank). "
         f"Total time {time.perf_counter() - start:.0f} s.\n\n"
         f"Command: `python bench/merging.py {shlex.join(sys.argv[1:])}`\n\n"
         + markdown_table(headers, rows)
@@ -164,15 +181,17 @@ def main() -> None:
     print(body)
 
 
-def peft_rows(args, model, folders, weights, densities, evaluate, own) -> list[list[object]]:
-    """PEFT's add_weighted_adapter on the same adapters: svd at each rank, the others once."""
+def peft_rows(args, model, folders, densities, evaluate, own) -> list[list[object]]:
+    """PEFT's add_weighted_adapter on the same adapters: svd at each rank, the others once,
+    at every weight of the sweep."""
     names = list(folders)
     peft_model = PeftModel.from_pretrained(model, folders[names[0]], adapter_name=names[0])
     for name in names[1:]:
         peft_model.load_adapter(folders[name], adapter_name=name)
     peft_model.eval()
     rows = []
-    for kind in args.peft:
+    for weight, kind in itertools.product(args.weights, args.peft):
+        weights = [weight] * len(names)
         for k in args.ranks if kind.endswith("svd") else [None]:
             density = densities.get(kind.removesuffix("_svd"))
             tic = time.perf_counter()
@@ -186,8 +205,9 @@ def peft_rows(args, model, folders, weights, densities, evaluate, own) -> list[l
             seconds = time.perf_counter() - tic
             peft_model.set_adapter("merged")
             scores = evaluate(peft_model)()
-            print(f"PEFT {kind} k={k}: {scores}", file=sys.stderr)
-            rows.append(row(f"PEFT {kind}", k or "r", scores, own, ["", f"{seconds:.2f}"]))
+            print(f"PEFT {kind} w={weight} k={k}: {scores}", file=sys.stderr)
+            extra = ["", f"{seconds:.2f}"]
+            rows.append(row(f"PEFT {kind}", weight, k or "r", scores, own, extra))
             peft_model.set_adapter(names[0])
             peft_model.delete_adapter("merged")
     return rows
