@@ -117,9 +117,9 @@ class LowRankExperts(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        if not getattr(self.policy, "mixed_precision", False):
-            x = x.to(self.lora_A.dtype)
-        return y + self.policy(self, x, gates).to(y.dtype)
+        if getattr(self.policy, "fused", False):
+            return self.policy(self, x, gates, into=y)
+        return y + self.policy(self, x.to(self.lora_A.dtype), gates).to(y.dtype)
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """x A^T for all experts at once, one product per dropout run (usually one). (..., R)
@@ -133,9 +133,17 @@ class LowRankExperts(nn.Module):
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def up(self, h: torch.Tensor) -> torch.Tensor:
-        """h B^T from rank space to the output, in h's dtype. (..., R) -> (..., out)"""
-        return h @ self.lora_B.to(h.dtype).T
+    def up(self, h: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """h B^T from rank space to the output, in h's dtype. (..., R) -> (..., out)
+
+        With ``into`` (same shape and dtype as the output) the product is added to it by one
+        ``addmm``, which saves a pass over the output against a separate add.
+        """
+        b = self.lora_B.to(h.dtype).T
+        if into is None:
+            return h @ b
+        flat = torch.addmm(into.reshape(-1, into.shape[-1]), h.reshape(-1, h.shape[-1]), b)
+        return flat.view(into.shape)
 
     def expert_outputs(self, h: torch.Tensor) -> torch.Tensor:
         """Each expert's output from rank-space activations, one product per expert.
@@ -194,16 +202,21 @@ class LowRankExperts(nn.Module):
 class WeightedSum(nn.Module):
     """The default policy: sum_e g_e s_e B_e A_e x with gates applied in rank space.
 
-    It takes x in the base's dtype (``mixed_precision``; other policies get x in the factors'
-    dtype): with a bf16 base both products run in bf16 from the fp32 factors, so no activation
-    is converted, while gradients, factors and optimizer state stay fp32. With an fp32 base
-    nothing changes. Measured by ``bench/finetune.py speed``.
+    It is ``fused``: the layer hands it x in the base's dtype and the base output ``into``,
+    which the second product is added to in one ``addmm`` (other policies get x in the factors'
+    dtype and return the term alone). With a bf16 base both products run in bf16 from the fp32
+    factors, so no activation is converted, while gradients, factors and optimizer state stay
+    fp32. Measured by ``bench/finetune.py speed`` and ``bench/lora_forward.py``.
     """
 
-    mixed_precision = True
+    fused = True
 
     def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+        self,
+        layer: LowRankExperts,
+        x: torch.Tensor,
+        gates: torch.Tensor | None,
+        into: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = layer.down(x)
-        return layer.up(h * layer.rank_gate(gates).to(h.dtype))
+        return layer.up(h * layer.rank_gate(gates).to(h.dtype), into)
