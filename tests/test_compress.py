@@ -13,6 +13,7 @@ from rankwise.compress import (
     METHODS,
     A3Attention,
     collect_statistics,
+    compress,
     compress_model,
     factorize_linear,
     make_compressor,
@@ -169,3 +170,9 @@ def test_unknown_methods_options_and_recompression_are_errors(calib):
     model = compressed("svd", 0.2, calib)
     with pytest.raises(RankwiseError, match="already compressed"):
         compress_model(model, make_compressor("svd"), 0.2, None)
+
+
+def test_bad_ratio_fails_before_calibration():
+    """The ratio is checked first: the missing calibration file is never read."""
+    with pytest.raises(RankwiseError, match=r"ratios must lie in \[0, 1\)"):
+        compress(tiny_llama(), None, "a3", 1.5, data="/nonexistent/calib.jsonl")

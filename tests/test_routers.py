@@ -27,6 +27,18 @@ def mixture(router: str, **settings):
     return model, built
 
 
+def saved_adapters(folder, count: int, std: float, layers: int = 2) -> list[str]:
+    """``count`` rank-2 q_proj adapters for tiny_llama(layers), B ~ N(0, std), saved as PEFT."""
+    folders = []
+    for seed in range(count):
+        donor = tiny_llama(layers=layers)
+        torch.manual_seed(seed)
+        for layer in inject_adapter(donor, LoraConfig(r=2, target_modules=["q_proj"])).values():
+            torch.nn.init.normal_(layer.lora_B, std=std)
+        folders.append(str(save_adapter(donor, folder / f"a{seed}")))
+    return folders
+
+
 def run(model, tokens):
     return model(tokens).logits
 
@@ -189,18 +201,10 @@ def test_radargate_output_can_leave_the_cone_of_expert_outputs():
 
 
 def test_xlora_trains_only_classifier_and_top_k_runs_only_chosen(tmp_path, tokens):
-    folders = []
-    for seed in range(3):
-        donor = tiny_llama(layers=4)
-        torch.manual_seed(seed)
-        for layer in inject_adapter(donor, LoraConfig(r=2, target_modules=["q_proj"])).values():
-            torch.nn.init.normal_(layer.lora_B, std=0.1)
-        folders.append(save_adapter(donor, tmp_path / f"a{seed}"))
+    folders = saved_adapters(tmp_path, 3, std=0.1, layers=4)
     model = tiny_llama(layers=4)
     base_logits = model(tokens).logits
-    config = RouterConfig(
-        router="xlora", adapters=[str(f) for f in folders], top_k=1, layerwise=True
-    )
+    config = RouterConfig(router="xlora", adapters=folders, top_k=1, layerwise=True)
     built = build_mixture(model, config)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == set()  # the classifier lives in the head, outside the model
@@ -233,13 +237,7 @@ def test_config_errors():
 
 
 def test_xlora_scaling_pass_value_changes_the_first_pass(tmp_path, tokens):
-    folders = []
-    for seed in range(2):
-        donor = tiny_llama()
-        torch.manual_seed(seed)
-        for layer in inject_adapter(donor, LoraConfig(r=2, target_modules=["q_proj"])).values():
-            torch.nn.init.normal_(layer.lora_B, std=0.3)
-        folders.append(str(save_adapter(donor, tmp_path / f"a{seed}")))
+    folders = saved_adapters(tmp_path, 2, std=0.3)
     logits = []
     for value in (0.0, 1.0):
         model = tiny_llama()
@@ -252,13 +250,7 @@ def test_xlora_scaling_pass_value_changes_the_first_pass(tmp_path, tokens):
 
 @pytest.mark.parametrize("pass_value", [0.0, 1.0])
 def test_xlora_generation_with_kv_cache_equals_full_recompute(tmp_path, tokens, pass_value):
-    folders = []
-    for seed in range(2):
-        donor = tiny_llama()
-        torch.manual_seed(seed)
-        for layer in inject_adapter(donor, LoraConfig(r=2, target_modules=["q_proj"])).values():
-            torch.nn.init.normal_(layer.lora_B, std=0.3)
-        folders.append(str(save_adapter(donor, tmp_path / f"a{seed}")))
+    folders = saved_adapters(tmp_path, 2, std=0.3)
     model = tiny_llama()
     torch.manual_seed(0)
     config = RouterConfig(router="xlora", adapters=folders, scaling_pass_value=pass_value)

@@ -8,6 +8,7 @@ from rankwise.commands.options import add_model_options
 from rankwise.compress import METHODS, compress, save_compressed
 from rankwise.compress.a3 import COMPONENTS
 from rankwise.compress.calibration import DEFAULT_DATA
+from rankwise.compress.storage import check_output_folder
 from rankwise.models import load_model
 
 
@@ -53,6 +54,7 @@ def ratios(text: str) -> float | list[float]:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_folder(args.output)  # before minutes of calibration, not after
     loaded = load_model(args.model, args.dtype)
     options = {
         key: value

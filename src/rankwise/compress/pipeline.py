@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rankwise.compress.base import compress_model
+from rankwise.compress.base import compress_model, layer_ratios
 from rankwise.compress.calibration import (
     DEFAULT_DATA,
     Statistics,
@@ -36,6 +36,7 @@ def compress(
     layer (mixed rank); ``options`` are the method's own settings (for example ``damping``).
     Calibration data is read only when the method needs statistics.
     """
+    layer_ratios(ratio, model.config.num_hidden_layers)  # bad ratios fail before calibrating
     compressor = make_compressor(method, **(options or {}))
     before = model_costs(model)
     needs = compressor.needs(model)

@@ -94,6 +94,14 @@ def build_module(entry: dict, config: PretrainedConfig) -> nn.Module:
     raise RankwiseError(f"unknown compressed module type '{kind}'")
 
 
+def check_output_folder(folder: str | Path) -> Path:
+    """The output folder as a Path; an error if it exists and is not empty (nothing is replaced)."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise RankwiseError(f"output folder '{folder}' exists and is not empty")
+    return folder
+
+
 def save_compressed(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path, record: dict
 ) -> bool:
@@ -101,9 +109,7 @@ def save_compressed(
 
     The folder is written under a temporary name and renamed when complete.
     """
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise RankwiseError(f"output folder '{folder}' exists and is not empty")
+    folder = check_output_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     structure = structure_of(model)
     config = standard_config(model, structure)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rankwise.adapters.inject import select_targets
-from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts, WeightedSum
 from rankwise.errors import RankwiseError
 
 
@@ -112,6 +112,7 @@ class Router(nn.Module):
 
 
 ROUTERS: dict[str, type[Router]] = {}
+WEIGHTED_SUM = WeightedSum()  # the dense computation routed_sum falls back to
 
 
 def register(cls: type[Router]) -> type[Router]:
@@ -141,8 +142,7 @@ def routed_sum(
     is every expert (dense gates) there is nothing to skip: two products for all experts.
     """
     if chosen.shape[-1] == layer.num_experts:
-        gates = dense_gates(weights, chosen, layer.num_experts)
-        return layer.up(layer.down(x) * layer.rank_gate(gates))
+        return WEIGHTED_SUM(layer, x, dense_gates(weights, chosen, layer.num_experts))
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
     w = weights.reshape(flat.shape[0], -1)  # (N, k)
     idx = chosen.reshape(flat.shape[0], -1)  # (N, k)
