@@ -89,7 +89,8 @@ def quality(args: argparse.Namespace) -> None:
             f"## Per-task adapters (`bench/finetune.py quality`)\n\nMachine: {machine()}. Model: "
             f"{DEFAULT_MODEL}, bf16 base, fp32 LoRA r=16 α=32 on all linear layers, batch 8, "
             f"lr {args.lr}, {args.test_examples} test prompts per task, greedy decoding.\n"
-            f"Reproduce the adapters: `python bench/finetune.py quality --out {args.out}`."
+            f"Reproduce the adapters: `python bench/finetune.py quality --steps {args.steps} "
+            f"--out {args.out}`."
             f"\n\n{table}"
         ),
     )
@@ -200,7 +201,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="part", required=True)
     q = sub.add_parser("quality")
     q.add_argument("--tasks", default="all")
-    q.add_argument("--steps", type=int, default=200)
+    q.add_argument("--steps", type=int, default=300)
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--test-examples", type=int, default=50)
     q.add_argument("--out", default="runs/task-adapters")

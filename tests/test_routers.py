@@ -11,7 +11,7 @@ from conftest import tiny_llama
 from rankwise.adapters import LoraConfig, inject_adapter, save_adapter
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.errors import RankwiseError
-from rankwise.routers import RouterConfig, build_mixture
+from rankwise.routers import RouterConfig, base, build_mixture
 from rankwise.routers.base import routed_sum
 from rankwise.routers.mola import pattern_counts
 from rankwise.routers.radargate import rotate, rotation_matrix
@@ -25,6 +25,11 @@ def mixture(router: str, **settings):
     for layer in built.layers.values():  # B != 0 so every expert's output matters
         torch.nn.init.normal_(layer.lora_B, std=0.1)
     return model, built
+
+
+def term(router, layer: LowRankExperts, x: torch.Tensor) -> torch.Tensor:
+    """The router's low-rank term alone (added to a zero base output)."""
+    return router(layer, x, None, x.new_zeros(*x.shape[:-1], layer.base.out_features))
 
 
 def saved_adapters(folder, count: int, std: float, layers: int = 2) -> list[str]:
@@ -71,20 +76,40 @@ def test_mola_aux_loss_is_switch_loss(tokens):
     torch.testing.assert_close(loss, expected)
 
 
-def test_routed_sum_equals_dense_and_skips_unchosen():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_routed_sum_is_the_gated_sum_either_way(monkeypatch, grouped):
+    """Grouped dispatch and the dense masked product give the same output and gradients."""
+    monkeypatch.setattr(base, "GROUPED_MIN_SKIPPED_RANKS", 0 if grouped else 10**9)
+    monkeypatch.setattr(base, "GROUPED_MIN_TOKENS", 0)
     experts = LowRankExperts(torch.nn.Linear(8, 6), [ExpertSpec(2, 4.0)] * 3)
     torch.nn.init.normal_(experts.lora_B)
-    x = torch.randn(5, 8)
+    assert base.grouped(experts, 2, 5) == grouped
+    x, into = torch.randn(5, 8), torch.randn(5, 6)
     weights = torch.rand(5, 2)
     chosen = torch.tensor([[0, 1]] * 5)
-    dense = torch.zeros(5, 3).scatter(-1, chosen, weights)
-    torch.testing.assert_close(
-        routed_sum(experts, x, weights, chosen),
-        experts.up(experts.down(x) * experts.rank_gate(dense)),
+    gates = torch.zeros(5, 3).scatter(-1, chosen, weights)
+    expected = (
+        into + ((x @ experts.lora_A.T) * gates.repeat_interleave(2, -1) * 2.0) @ experts.lora_B.T
     )
-    with torch.no_grad():
-        experts.lora_A[experts.expert_slice(2)] = float("nan")  # never chosen: never runs
-    assert torch.isfinite(routed_sum(experts, x, weights, chosen)).all()
+    out = routed_sum(experts, x, gates, chosen, into)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert (experts.lora_A.grad[experts.expert_slice(2)] == 0).all()  # unchosen: no gradient
+    assert (experts.lora_B.grad[:, experts.expert_slice(2)] == 0).all()
+    if grouped:
+        with torch.no_grad():
+            experts.lora_A[experts.expert_slice(2)] = float("nan")  # never chosen: never runs
+        assert torch.isfinite(routed_sum(experts, x, gates, chosen, into)).all()
+
+
+def test_grouped_dispatch_only_where_much_rank_work_is_skipped():
+    def layer(num: int, rank: int) -> LowRankExperts:
+        return LowRankExperts(torch.nn.Linear(4, 4), [ExpertSpec(rank, 1.0)] * num)
+
+    assert not base.grouped(layer(4, 8), 2, 4096)  # MoLA's 4 x r8 top-2: dense
+    assert base.grouped(layer(16, 64), 2, 4096)  # 448 ranks skipped per chosen expert
+    assert not base.grouped(layer(16, 64), 2, 16)  # but too few tokens (decoding)
+    assert not base.grouped(layer(4, 64), 4, 4096)  # every expert chosen: nothing to skip
 
 
 def test_smora_sigmoid_gates_bias_and_balancing(tokens):
@@ -154,8 +179,8 @@ def test_radargate_starts_as_softmax_weighted_sum(tokens):
     router = layer.policy
     x = torch.randn(2, layer.base.in_features)
     weights = torch.softmax(router.stretch(x), -1)
-    expected = layer.up(layer.down(x) * layer.rank_gate(weights))
-    torch.testing.assert_close(router(layer, x, None), expected)
+    expected = (layer.down(x) * layer.rank_gate(weights)) @ layer.lora_B.T
+    torch.testing.assert_close(term(router, layer, x), expected)
     torch.testing.assert_close(router.last_gates.sum(-1), torch.ones(2))
 
 
@@ -177,10 +202,10 @@ def test_radargate_rank_space_forward_equals_explicit_rotations():
     weights = torch.softmax(router.stretch(x), -1)
     _, rotated = router.expert_views(layer, x)  # the explicit form, (B, T, E, out)
     expected = (weights.unsqueeze(-1) * rotated).sum(-2)
-    torch.testing.assert_close(router(layer, x, None), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(term(router, layer, x), expected, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         layer.lora_B.zero_()  # B = 0 at init: zero output, finite gradients
-    router(layer, x, None).sum().backward()
+    term(router, layer, x).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in router.parameters() if p.grad is not None)
 
 
@@ -189,18 +214,18 @@ def test_radargate_output_can_leave_the_cone_of_expert_outputs():
     layer, router = radargate_layer(2.5)
     x = torch.randn(1, layer.base.in_features)
     outputs, _ = router.expert_views(layer, x)  # (1, E, out): independent directions
-    y = router(layer, x, None)
+    y = term(router, layer, x)
     coefficients = torch.linalg.lstsq(outputs[0].T, y[0].unsqueeze(-1)).solution[:, 0]
     torch.testing.assert_close(coefficients @ outputs[0], y[0], atol=1e-5, rtol=1e-4)
     assert (coefficients < -1e-3).any()  # unique coordinates, one negative: outside the cone
     with torch.no_grad():
         router.angle.bias.zero_()
         router.angle.weight.zero_()
-    plain = torch.linalg.lstsq(outputs[0].T, router(layer, x, None)[0].unsqueeze(-1)).solution
+    plain = torch.linalg.lstsq(outputs[0].T, term(router, layer, x)[0].unsqueeze(-1)).solution
     assert (plain >= -1e-5).all()  # theta = 0: the softmax-weighted sum, inside the cone
 
 
-def test_xlora_trains_only_classifier_and_top_k_runs_only_chosen(tmp_path, tokens):
+def test_xlora_trains_only_classifier_and_top_k_runs_only_chosen(monkeypatch, tmp_path, tokens):
     folders = saved_adapters(tmp_path, 3, std=0.1, layers=4)
     model = tiny_llama(layers=4)
     base_logits = model(tokens).logits
@@ -218,7 +243,10 @@ def test_xlora_trains_only_classifier_and_top_k_runs_only_chosen(tmp_path, token
     assert all(p.grad is not None for p in built.head.parameters())
     layer = next(iter(built.layers.values()))
     assert layer.lora_A.grad is None
-    # An expert no token chooses never runs: poison it everywhere and the output is unchanged.
+    # With grouped dispatch an expert no token chooses never runs: poison it everywhere and the
+    # output is unchanged (the dense product, used for these small ranks, gives the same output).
+    monkeypatch.setattr(base, "GROUPED_MIN_SKIPPED_RANKS", 0)
+    monkeypatch.setattr(base, "GROUPED_MIN_TOKENS", 0)
     with torch.no_grad():
         built.head.classifier[-1].bias.view(-1, 3)[:, 2] = -1e4  # (layers, experts)
         expected = model(tokens).logits

@@ -43,10 +43,11 @@ class ExpertSpec:
 class LowRankExperts(nn.Module):
     """Wraps an ``nn.Linear`` (kept frozen as ``base``) with E low-rank experts.
 
-    The low-rank term is computed by ``policy(layer, x, gates)``, a module that decides how the
-    experts combine. The default ``WeightedSum`` takes its gates from, in order: the ``gates``
-    argument of ``forward`` (a tensor [..., E] per token, or [E]), else ``expert_weights`` (a
-    static buffer [E], ones by default: a plain sum). Routers (per-token gates from x) and the
+    The output is ``policy(layer, x, gates, y)``: a module that decides how the experts combine
+    gets x in the base's dtype and the base output y, and returns y plus the low-rank term.
+    The default ``WeightedSum`` takes its gates from, in order: the ``gates`` argument of
+    ``forward`` (a tensor [..., E] per token, or [E]), else ``expert_weights`` (a static buffer
+    [E], ones by default: a plain sum). Routers (per-token gates from x) and the
     serving engine (one adapter per sequence) are other policies over the same factors.
     """
 
@@ -117,9 +118,7 @@ class LowRankExperts(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        if getattr(self.policy, "fused", False):
-            return self.policy(self, x, gates, into=y)
-        return y + self.policy(self, x.to(self.lora_A.dtype), gates).to(y.dtype)
+        return self.policy(self, x, gates, y)
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """x A^T for all experts at once, one product per dropout run (usually one). (..., R)
@@ -128,22 +127,28 @@ class LowRankExperts(nn.Module):
         values) rather than the activations (tokens x in), as mixed-precision training does.
         """
         parts = [
-            drop(x) @ self.lora_A[rows].to(x.dtype).T
+            nn.functional.linear(drop(x), self.lora_A[rows].to(x.dtype))
             for drop, rows in zip(self.dropout_runs, self.run_slices, strict=True)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def up(self, h: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """h B^T from rank space to the output, in h's dtype. (..., R) -> (..., out)
+    def up(self, h: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """into + h B^T: from rank space (..., R) to the output (..., out), in h's dtype.
 
-        With ``into`` (same shape and dtype as the output) the product is added to it by one
-        ``addmm``, which saves a pass over the output against a separate add.
+        One ``addmm`` adds the product to ``into`` (the base output), which saves a pass over
+        the output against a separate add.
         """
         b = self.lora_B.to(h.dtype).T
-        if into is None:
-            return h @ b
         flat = torch.addmm(into.reshape(-1, into.shape[-1]), h.reshape(-1, h.shape[-1]), b)
         return flat.view(into.shape)
+
+    def gated(self, x: torch.Tensor, rank_gate: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """into + B (rank_gate * A x): the experts' sum with a gate per rank ([R] or [..., R]).
+
+        Both products run in x's dtype (see ``down``); the gate is applied in rank space.
+        """
+        h = self.down(x)
+        return self.up(h * rank_gate.to(h.dtype), into)
 
     def expert_outputs(self, h: torch.Tensor) -> torch.Tensor:
         """Each expert's output from rank-space activations, one product per expert.
@@ -200,23 +205,15 @@ class LowRankExperts(nn.Module):
 
 
 class WeightedSum(nn.Module):
-    """The default policy: sum_e g_e s_e B_e A_e x with gates applied in rank space.
+    """The default policy: y + sum_e g_e s_e B_e A_e x with gates applied in rank space.
 
-    It is ``fused``: the layer hands it x in the base's dtype and the base output ``into``,
-    which the second product is added to in one ``addmm`` (other policies get x in the factors'
-    dtype and return the term alone). With a bf16 base both products run in bf16 from the fp32
-    factors, so no activation is converted, while gradients, factors and optimizer state stay
-    fp32. Measured by ``bench/finetune.py speed`` and ``bench/lora_forward.py``.
+    The second product is added to the base output in one ``addmm``, which saves a pass over
+    the output. With a bf16 base both products run in bf16 from the fp32 factors, so no
+    activation is converted, while gradients, factors and optimizer state stay fp32. Measured
+    by ``bench/finetune.py speed`` and ``bench/lora_forward.py``.
     """
 
-    fused = True
-
     def forward(
-        self,
-        layer: LowRankExperts,
-        x: torch.Tensor,
-        gates: torch.Tensor | None,
-        into: torch.Tensor | None = None,
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
     ) -> torch.Tensor:
-        h = layer.down(x)
-        return layer.up(h * layer.rank_gate(gates).to(h.dtype), into)
+        return layer.gated(x, layer.rank_gate(gates), into)

@@ -92,7 +92,7 @@ def _reverse_words(rng: random.Random) -> tuple[str, str]:
 
 
 def _sort_numbers(rng: random.Random) -> tuple[str, str]:
-    numbers = rng.sample(range(1, 100), 5)
+    numbers = rng.sample(range(1, 100), 4)
     prompt = f"Sort these numbers from smallest to largest: {' '.join(map(str, numbers))}"
     return prompt, " ".join(map(str, sorted(numbers)))
 

@@ -47,11 +47,11 @@ class FlyLoRA(BalancedRanks):
         return [layer.lora_B]
 
     def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
     ) -> torch.Tensor:
         h = layer.down(x)  # (..., R)
-        chosen = (h.detach() + self.bias).topk(self.k, dim=-1).indices
-        mask = torch.zeros_like(h).scatter(-1, chosen, 1.0)
+        chosen = (h.detach().to(self.bias.dtype) + self.bias).topk(self.k, dim=-1).indices
+        mask = h.new_zeros(h.shape, dtype=self.bias.dtype).scatter(-1, chosen, 1.0)
         self.count(chosen)
         self.last_gates = mask
-        return layer.up(h * mask * layer.rank_scaling)
+        return layer.up(h * (mask * layer.rank_scaling).to(h.dtype), into)

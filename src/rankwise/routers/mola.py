@@ -26,7 +26,7 @@ from rankwise.routers.base import (
     dense_gates,
     register,
     routed_sum,
-    top_k_renormalised,
+    top_k_softmax,
 )
 
 
@@ -67,13 +67,15 @@ class MoLA(Router):
         return {name: [spec] * counts[block_index(name)] for name in names}
 
     def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
     ) -> torch.Tensor:
-        probs = torch.softmax(self.gate(x), dim=-1)  # (..., E)
-        weights, chosen = top_k_renormalised(probs, self.k)  # (..., k)
-        self.last_probs = probs
-        self.last_gates = dense_gates(weights, chosen, layer.num_experts).detach()
-        return routed_sum(layer, x, weights, chosen)
+        logits = self.gate(x.to(self.gate.weight.dtype))  # (..., E)
+        weights, chosen = top_k_softmax(logits, self.k)  # (..., k)
+        if self.training and self.aux_coef:
+            self.last_probs = torch.softmax(logits, dim=-1)
+        gates = dense_gates(weights, chosen, layer.num_experts)
+        self.last_gates = gates.detach()
+        return routed_sum(layer, x, gates, chosen, into)
 
     @classmethod
     def aux_loss(cls, routers: dict[str, Router]) -> torch.Tensor:

@@ -70,6 +70,10 @@ class RadarGate(Router):
         # Fusion starts as the mean of the other experts' outputs.
         others = (torch.ones(num, num) - torch.eye(num)) / max(num - 1, 1)
         self.fuse = nn.Parameter(others.to(layer.lora_A))
+        # blocks[q, e] = 1 where rank q belongs to expert e: h * blocks is block-diagonal.
+        blocks = layer.rank_owner[:, None] == torch.arange(num, device=layer.rank_owner.device)
+        self.register_buffer("blocks", blocks.to(layer.lora_A.dtype), persistent=False)
+        self.kept_gram: tuple[tuple, torch.Tensor] | None = None  # (key of B, B^T B)
 
     def expert_views(
         self, layer: LowRankExperts, x: torch.Tensor
@@ -80,14 +84,37 @@ class RadarGate(Router):
         return outputs, rotate(outputs, fused, self.angle(x))
 
     def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
     ) -> torch.Tensor:
-        """sum_e w_e R(o_e, f_e, theta_e) o_e, in rank space (see ``expert_coefficients``)."""
-        weights = torch.softmax(self.stretch(x), dim=-1)  # (..., E)
+        """y + sum_e w_e R(o_e, f_e, theta_e) o_e, in rank space (see ``expert_coefficients``).
+
+        The gates and the Gram-matrix maths run in the factors' dtype (fp32), the two products
+        in x's, as a plain LoRA's.
+        """
+        xf = x.to(self.stretch.weight.dtype)
+        weights = torch.softmax(self.stretch(xf), dim=-1)  # (..., E)
         self.last_gates = weights.detach()
-        h = layer.down(x) * layer.rank_scaling  # (..., R): o_e = B_e h_e
-        coefficients = self.expert_coefficients(layer, h, weights, self.angle(x))
-        return layer.up(h * coefficients[..., layer.rank_owner])
+        h = layer.down(x)  # (..., R): o_e = s_e B_e h_e
+        scaled = h.to(weights.dtype) * layer.rank_scaling
+        coefficients = self.expert_coefficients(layer, scaled, weights, self.angle(xf))
+        rank_gate = coefficients[..., layer.rank_owner] * layer.rank_scaling
+        return layer.up(h * rank_gate.to(h.dtype), into)
+
+    def b_gram(self, layer: LowRankExperts, dtype: torch.dtype) -> torch.Tensor:
+        """B^T B [R, R]: formed at every training forward, kept between inference forwards.
+
+        Forming it costs out x R^2, more than the rest of a decoding step's routing; B changes
+        only through in-place writes (optimizer steps, loading), which bump its version.
+        """
+        b = layer.lora_B
+        if torch.is_grad_enabled() and b.requires_grad:
+            b = b.to(dtype)
+            return b.T @ b
+        key = (b.data_ptr(), b._version, dtype)
+        if self.kept_gram is None or self.kept_gram[0] != key:
+            frozen = b.detach().to(dtype)
+            self.kept_gram = (key, frozen.T @ frozen)
+        return self.kept_gram[1]
 
     def expert_coefficients(
         self, layer: LowRankExperts, h: torch.Tensor, weights: torch.Tensor, theta: torch.Tensor
@@ -101,20 +128,17 @@ class RadarGate(Router):
         products with A and B like a plain LoRA, plus O(R^2) per token. ``rotate`` is the
         explicit form (a test checks they agree).
         """
-        num = layer.num_experts
-        rank = layer.lora_A.shape[0] // num
-        parts = h.unflatten(-1, (num, rank))  # (..., E, r)
-        b = layer.lora_B.to(h.dtype)
-        gram_b = (b.T @ b).view(num, rank, num, rank)  # B_i^T B_j blocks
-        gram = torch.einsum("...ir,irjs,...js->...ij", parts, gram_b, parts)  # (..., E, E)
+        split = h.unsqueeze(-1) * self.blocks  # (..., R, E): column e holds h_e, zeros elsewhere
+        gram = split.transpose(-1, -2) @ (self.b_gram(layer, h.dtype) @ split)  # (..., E, E)
         fuse = self.fuse.to(h.dtype)
-        oo = gram.diagonal(dim1=-2, dim2=-1)  # (..., E)
-        fo = torch.einsum("ej,...je->...e", fuse, gram)
-        ff = torch.einsum("ej,...jk,ek->...e", fuse, gram, fuse)
-        # Clamped before the square roots, so a zero output (B = 0 at init) has zero gradient.
-        norm = oo.clamp_min(EPS**2).sqrt()  # |o_e|
-        along = fo / norm.square()  # f_e - along * o_e is the part of f_e orthogonal to o_e
-        rest = (ff - 2 * along * fo + along.square() * oo).clamp_min(EPS**2).sqrt()
-        b_coef = torch.sin(theta) * norm / rest
+        fg = fuse @ gram  # (..., E, E): f_e . o_k
+        oo = gram.diagonal(dim1=-2, dim2=-1).clamp_min(EPS**2)  # (..., E): |o_e|^2
+        fo = fg.diagonal(dim1=-2, dim2=-1)  # f_e . o_e
+        ff = (fg * fuse).sum(-1)  # f_e . f_e = sum_k M_ek f_e . o_k
+        # f_e - along * o_e is the part of f_e orthogonal to o_e; its squared norm is
+        # ff - 2 along fo + along^2 oo = ff - along fo. Clamped before the square roots, so a
+        # zero output (B = 0 at init) has zero gradient.
+        along = fo / oo
+        b_coef = torch.sin(theta) * (oo / (ff - along * fo).clamp_min(EPS**2)).sqrt()
         a_coef = torch.cos(theta) - b_coef * along
-        return weights * a_coef + torch.einsum("...e,ej->...j", weights * b_coef, fuse)
+        return weights * a_coef + (weights * b_coef) @ fuse

@@ -87,12 +87,12 @@ class SMoRA(BalancedRanks):
         self.gate.to(layer.lora_A)
 
     def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
     ) -> torch.Tensor:
-        scores = torch.sigmoid(self.gate(x))  # (..., R)
+        scores = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype)))  # (..., R)
         chosen = (scores + self.bias).topk(self.k, dim=-1).indices  # bias only picks ranks
         picked = scores.gather(-1, chosen)
         weights = dense_gates(picked / picked.sum(-1, keepdim=True), chosen, scores.shape[-1])
         self.count(chosen)
         self.last_gates = weights.detach()
-        return layer.up(layer.down(x) * weights * layer.rank_scaling)
+        return layer.gated(x, weights * layer.rank_scaling, into)

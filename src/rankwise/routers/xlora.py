@@ -30,7 +30,7 @@ from rankwise.routers.base import (
     dense_gates,
     register,
     routed_sum,
-    top_k_renormalised,
+    top_k_softmax,
 )
 
 
@@ -104,8 +104,7 @@ class XLoRAHead(nn.Module):
             self.state.scaling_pass = False
         logits = self.classifier(hidden.to(self.classifier[0].weight.dtype))
         logits = logits.unflatten(-1, (self.num_layers, self.num_experts))  # (B, T, L, E)
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        self.state.weights, self.state.chosen = top_k_renormalised(probs, self.k)
+        self.state.weights, self.state.chosen = top_k_softmax(logits / self.temperature, self.k)
 
 
 @register
@@ -153,17 +152,20 @@ class XLoRA(Router):
         return []
 
     def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
     ) -> torch.Tensor:
         if self.state.scaling_pass:
-            return self.scaling_pass(layer, x)
+            return self.scaling_pass(layer, x, into)
         weights = self.state.weights[..., self.index, :]  # (B, T, k)
         chosen = self.state.chosen[..., self.index, :]
-        self.last_gates = dense_gates(weights, chosen, layer.num_experts).detach()
-        return routed_sum(layer, x, weights, chosen)
+        gates = dense_gates(weights, chosen, layer.num_experts)
+        self.last_gates = gates.detach()
+        return routed_sum(layer, x, gates, chosen, into)
 
-    def scaling_pass(self, layer: LowRankExperts, x: torch.Tensor) -> torch.Tensor:
+    def scaling_pass(
+        self, layer: LowRankExperts, x: torch.Tensor, into: torch.Tensor
+    ) -> torch.Tensor:
         """Every adapter scaled by the constant; with 0 (the default) no expert runs at all."""
         if self.pass_value == 0:
-            return x.new_zeros(*x.shape[:-1], layer.base.out_features)
-        return layer.up(layer.down(x) * layer.rank_scaling) * self.pass_value
+            return into
+        return layer.gated(x, layer.rank_scaling * self.pass_value, into)

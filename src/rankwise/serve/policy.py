@@ -230,6 +230,7 @@ class AdapterBatch(nn.Module):
         self.plan = self.build(slots, tokens)
 
     def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
     ) -> torch.Tensor:
-        return self.plan(layer, x, self.rank)
+        """into + the plan's low-rank term, computed in the slots' dtype (fp32)."""
+        return into + self.plan(layer, x.to(layer.lora_A.dtype), self.rank).to(into.dtype)
