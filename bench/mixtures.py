@@ -61,12 +61,15 @@ def variants(rank: int, adapters: list[str]) -> dict[str, dict]:
     }  # fmt: skip
 
 
-def decode_speed(model, tokenizer, prompts: list[str], new_tokens: int, **kwargs) -> float:
-    """Greedy decoding tokens/s of one batch that generates exactly ``new_tokens`` per prompt."""
+def decode_speed(
+    model, tokenizer, prompts: list[str], new_tokens: int, runs: int = 3, **kwargs
+) -> float:
+    """Greedy decoding tokens/s of one batch that generates exactly ``new_tokens`` per prompt,
+    the best of ``runs`` (the first also warms up)."""
     inputs = left_padded([encode_prompt(p, tokenizer) for p in prompts], tokenizer.pad_token_id)
     best = float("inf")
     with torch.no_grad():
-        for _ in range(2):  # the first run also warms up
+        for _ in range(runs):
             start = time.perf_counter()
             model.generate(
                 **inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -89,7 +92,7 @@ def peft_xlora_speed(adapters: dict[str, Path], prompts, new_tokens: int) -> flo
         adapters={str(i): str(path) for i, path in enumerate(adapters.values())},  # PEFT's names
     )
     model = get_peft_model(loaded.model, config).eval()
-    return decode_speed(model, loaded.tokenizer, prompts, new_tokens)
+    return decode_speed(model, loaded.tokenizer, prompts, new_tokens, runs=2)  # ~2 min a run
 
 
 def main() -> None:
@@ -188,8 +191,9 @@ def write_table(args, folders, results, base_speed: float, peft_speed: float, se
         "cosine) on the six built-in tasks mixed (1000 examples each); X-LoRA trains only its "
         f"classifier over the per-task adapters in `{args.adapters}`. Exact match: greedy, "
         f"{args.n} test items per task. Decoding: {args.decode_batch} prompts × "
-        f"{args.new_tokens} new tokens, greedy, KV cache, best of two. PEFT's X-LoRA (dense "
-        "scalings, no KV cache, which it refuses) runs on the same adapters in the same run. "
+        f"{args.new_tokens} new tokens, greedy, KV cache, best of three runs. PEFT's X-LoRA "
+        "(dense scalings, no KV cache, which it refuses; best of two) runs on the same adapters "
+        "in the same run. "
         f"Total time {seconds:.0f} s.\n\n"
         f"Command: `python bench/mixtures.py {shlex.join(sys.argv[1:])}`\n\n"
         + markdown_table(headers, rows)

@@ -209,6 +209,20 @@ def test_radargate_rank_space_forward_equals_explicit_rotations():
     assert all(torch.isfinite(p.grad).all() for p in router.parameters() if p.grad is not None)
 
 
+def test_radargate_inference_keeps_b_gram_until_b_changes():
+    layer, router = radargate_layer(0.8)
+    x = torch.randn(2, 5, layer.base.in_features)
+    with torch.no_grad():
+        first = term(router, layer, x)
+        kept = router.kept_gram[1]
+        torch.testing.assert_close(term(router, layer, x), first)
+        assert router.kept_gram[1] is kept  # reused while B is unchanged
+        layer.lora_B.mul_(2.0)  # an in-place write, as an optimizer step or a load
+        changed = term(router, layer, x)
+    torch.testing.assert_close(changed, term(router, layer, x).detach())  # formed afresh
+    assert not torch.allclose(changed, first)
+
+
 def test_radargate_output_can_leave_the_cone_of_expert_outputs():
     """A gated sum lies in the cone of the experts' outputs; a rotation can take it out."""
     layer, router = radargate_layer(2.5)

@@ -70,9 +70,11 @@ class RadarGate(Router):
         # Fusion starts as the mean of the other experts' outputs.
         others = (torch.ones(num, num) - torch.eye(num)) / max(num - 1, 1)
         self.fuse = nn.Parameter(others.to(layer.lora_A))
-        # blocks[q, e] = 1 where rank q belongs to expert e: h * blocks is block-diagonal.
-        blocks = layer.rank_owner[:, None] == torch.arange(num, device=layer.rank_owner.device)
-        self.register_buffer("blocks", blocks.to(layer.lora_A.dtype), persistent=False)
+        # blocks[q, e] = s_e where rank q belongs to expert e, else 0: h * blocks is the
+        # block-diagonal [R, E] of the scaled s_e h_e, and c @ blocks^T spreads per-expert
+        # coefficients over their ranks with the scalings applied.
+        owned = layer.rank_owner[:, None] == torch.arange(num, device=layer.rank_owner.device)
+        self.register_buffer("blocks", owned * layer.rank_scaling[:, None], persistent=False)
         self.kept_gram: tuple[tuple, torch.Tensor] | None = None  # (key of B, B^T B)
 
     def expert_views(
@@ -95,10 +97,8 @@ class RadarGate(Router):
         weights = torch.softmax(self.stretch(xf), dim=-1)  # (..., E)
         self.last_gates = weights.detach()
         h = layer.down(x)  # (..., R): o_e = s_e B_e h_e
-        scaled = h.to(weights.dtype) * layer.rank_scaling
-        coefficients = self.expert_coefficients(layer, scaled, weights, self.angle(xf))
-        rank_gate = coefficients[..., layer.rank_owner] * layer.rank_scaling
-        return layer.up(h * rank_gate.to(h.dtype), into)
+        coefficients = self.expert_coefficients(layer, h.to(xf.dtype), weights, self.angle(xf))
+        return layer.up(h * (coefficients @ self.blocks.T).to(h.dtype), into)
 
     def b_gram(self, layer: LowRankExperts, dtype: torch.dtype) -> torch.Tensor:
         """B^T B [R, R]: formed at every training forward, kept between inference forwards.
@@ -119,7 +119,7 @@ class RadarGate(Router):
     def expert_coefficients(
         self, layer: LowRankExperts, h: torch.Tensor, weights: torch.Tensor, theta: torch.Tensor
     ) -> torch.Tensor:
-        """c with sum_e w_e R(o_e, f_e, theta_e) o_e = sum_j c_j o_j. (..., E)
+        """c with sum_e w_e R(o_e, f_e, theta_e) o_e = sum_j c_j o_j, from h = A x. (..., E)
 
         The rotation keeps o_e in the plane of o_e and f_e = sum_j M_ej o_j, so the rotated
         output is a_e o_e + b_e f_e, with a_e and b_e from the dot products o.o, f.o and f.f
@@ -128,7 +128,7 @@ class RadarGate(Router):
         products with A and B like a plain LoRA, plus O(R^2) per token. ``rotate`` is the
         explicit form (a test checks they agree).
         """
-        split = h.unsqueeze(-1) * self.blocks  # (..., R, E): column e holds h_e, zeros elsewhere
+        split = h.unsqueeze(-1) * self.blocks  # (..., R, E): column e holds s_e h_e, else 0
         gram = split.transpose(-1, -2) @ (self.b_gram(layer, h.dtype) @ split)  # (..., E, E)
         fuse = self.fuse.to(h.dtype)
         fg = fuse @ gram  # (..., E, E): f_e . o_k
@@ -139,6 +139,7 @@ class RadarGate(Router):
         # ff - 2 along fo + along^2 oo = ff - along fo. Clamped before the square roots, so a
         # zero output (B = 0 at init) has zero gradient.
         along = fo / oo
-        b_coef = torch.sin(theta) * (oo / (ff - along * fo).clamp_min(EPS**2)).sqrt()
-        a_coef = torch.cos(theta) - b_coef * along
-        return weights * a_coef + (weights * b_coef) @ fuse
+        rest = torch.addcmul(ff, along, fo, value=-1).clamp_min(EPS**2)  # |f_e - along o_e|^2
+        b_coef = torch.sin(theta) * (oo / rest).sqrt()
+        a_coef = torch.addcmul(torch.cos(theta), b_coef, along, value=-1)
+        return torch.addcmul((weights * b_coef) @ fuse, weights, a_coef)
