@@ -132,23 +132,20 @@ class LowRankExperts(nn.Module):
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def up(self, h: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
-        """into + h B^T: from rank space (..., R) to the output (..., out), in h's dtype.
+    def up(self, h: torch.Tensor, rank_gate: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """into + (rank_gate * h) B^T: gated rank space (..., R) to the output (..., out).
 
-        One ``addmm`` adds the product to ``into`` (the base output), which saves a pass over
-        the output against a separate add.
+        The gate ([R] or [..., R]) is applied in rank space and the product runs in h's dtype;
+        one ``addmm`` adds it to ``into`` (the base output), which saves a pass over the output
+        against a separate add.
         """
         b = self.lora_B.to(h.dtype).T
-        flat = torch.addmm(into.reshape(-1, into.shape[-1]), h.reshape(-1, h.shape[-1]), b)
-        return flat.view(into.shape)
+        gated = (h * rank_gate.to(h.dtype)).reshape(-1, h.shape[-1])
+        return torch.addmm(into.reshape(-1, into.shape[-1]), gated, b).view(into.shape)
 
     def gated(self, x: torch.Tensor, rank_gate: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
-        """into + B (rank_gate * A x): the experts' sum with a gate per rank ([R] or [..., R]).
-
-        Both products run in x's dtype (see ``down``); the gate is applied in rank space.
-        """
-        h = self.down(x)
-        return self.up(h * rank_gate.to(h.dtype), into)
+        """into + B (rank_gate * A x): the experts' sum with a gate per rank, in x's dtype."""
+        return self.up(self.down(x), rank_gate, into)
 
     def expert_outputs(self, h: torch.Tensor) -> torch.Tensor:
         """Each expert's output from rank-space activations, one product per expert.

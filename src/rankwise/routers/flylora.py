@@ -54,4 +54,4 @@ class FlyLoRA(BalancedRanks):
         mask = h.new_zeros(h.shape, dtype=self.bias.dtype).scatter(-1, chosen, 1.0)
         self.count(chosen)
         self.last_gates = mask
-        return layer.up(h * (mask * layer.rank_scaling).to(h.dtype), into)
+        return layer.up(h, mask * layer.rank_scaling, into)

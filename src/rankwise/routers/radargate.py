@@ -98,7 +98,7 @@ class RadarGate(Router):
         self.last_gates = weights.detach()
         h = layer.down(x)  # (..., R): o_e = s_e B_e h_e
         coefficients = self.expert_coefficients(layer, h.to(xf.dtype), weights, self.angle(xf))
-        return layer.up(h * (coefficients @ self.blocks.T).to(h.dtype), into)
+        return layer.up(h, coefficients @ self.blocks.T, into)
 
     def b_gram(self, layer: LowRankExperts, dtype: torch.dtype) -> torch.Tensor:
         """B^T B [R, R]: formed at every training forward, kept between inference forwards.
