@@ -209,15 +209,17 @@ def test_radargate_rank_space_forward_equals_explicit_rotations():
     assert all(torch.isfinite(p.grad).all() for p in router.parameters() if p.grad is not None)
 
 
-def test_radargate_inference_keeps_b_gram_until_b_changes():
+@pytest.mark.parametrize("write", ["lora_B", "policy.angle.bias"])
+def test_radargate_inference_keeps_derived_factors_until_they_change(write):
+    """B^T B and the joint [A; W_s; W_a] are kept between inference forwards, not after writes."""
     layer, router = radargate_layer(0.8)
     x = torch.randn(2, 5, layer.base.in_features)
     with torch.no_grad():
         first = term(router, layer, x)
-        kept = router.kept_gram[1]
+        kept = {name: value for name, (_, value) in router.kept.items()}
         torch.testing.assert_close(term(router, layer, x), first)
-        assert router.kept_gram[1] is kept  # reused while B is unchanged
-        layer.lora_B.mul_(2.0)  # an in-place write, as an optimizer step or a load
+        assert all(router.kept[name][1] is value for name, value in kept.items())
+        layer.get_parameter(write).mul_(2.0)  # an in-place write, as an optimizer step or a load
         changed = term(router, layer, x)
     torch.testing.assert_close(changed, term(router, layer, x).detach())  # formed afresh
     assert not torch.allclose(changed, first)

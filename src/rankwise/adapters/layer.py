@@ -135,12 +135,12 @@ class LowRankExperts(nn.Module):
     def up(self, h: torch.Tensor, rank_gate: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
         """into + (rank_gate * h) B^T: gated rank space (..., R) to the output (..., out).
 
-        The gate ([R] or [..., R]) is applied in rank space and the product runs in h's dtype;
-        one ``addmm`` adds it to ``into`` (the base output), which saves a pass over the output
-        against a separate add.
+        The gate ([R] or [..., R]) is applied in rank space in h's dtype and the product runs in
+        the output's; one ``addmm`` adds it to ``into`` (the base output), which saves a pass
+        over the output against a separate add.
         """
-        b = self.lora_B.to(h.dtype).T
-        gated = (h * rank_gate.to(h.dtype)).reshape(-1, h.shape[-1])
+        b = self.lora_B.to(into.dtype).T
+        gated = (h * rank_gate.to(h.dtype)).to(into.dtype).reshape(-1, h.shape[-1])
         return torch.addmm(into.reshape(-1, into.shape[-1]), gated, b).view(into.shape)
 
     def gated(self, x: torch.Tensor, rank_gate: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
