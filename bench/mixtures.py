@@ -61,22 +61,27 @@ def variants(rank: int, adapters: list[str]) -> dict[str, dict]:
     }  # fmt: skip
 
 
-def decode_speed(
-    model, tokenizer, prompts: list[str], new_tokens: int, runs: int = 3, **kwargs
-) -> float:
-    """Greedy decoding tokens/s of one batch that generates exactly ``new_tokens`` per prompt,
-    the best of ``runs`` (the first also warms up)."""
-    inputs = left_padded([encode_prompt(p, tokenizer) for p in prompts], tokenizer.pad_token_id)
-    best = float("inf")
+def decode_speeds(
+    entries: dict[str, tuple], prompts: list[str], new_tokens: int, rounds: int = 3
+) -> dict[str, float]:
+    """Greedy decoding tokens/s of every (model, tokenizer, generate kwargs) on one batch that
+    generates exactly ``new_tokens`` per prompt: the best of ``rounds`` rounds that each time
+    every entry in turn (the first also warms up), so a slower spell of the machine hits all
+    alike."""
+    best = dict.fromkeys(entries, float("inf"))
     with torch.no_grad():
-        for _ in range(runs):
-            start = time.perf_counter()
-            model.generate(
-                **inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                pad_token_id=tokenizer.pad_token_id, **kwargs,
-            )  # fmt: skip
-            best = min(best, time.perf_counter() - start)
-    return len(prompts) * new_tokens / best
+        for _ in range(rounds):
+            for label, (model, tokenizer, kwargs) in entries.items():
+                inputs = left_padded(
+                    [encode_prompt(p, tokenizer) for p in prompts], tokenizer.pad_token_id
+                )
+                start = time.perf_counter()
+                model.generate(
+                    **inputs, do_sample=False, max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs,
+                )  # fmt: skip
+                best[label] = min(best[label], time.perf_counter() - start)
+    return {label: len(prompts) * new_tokens / seconds for label, seconds in best.items()}
 
 
 def peft_xlora_speed(adapters: dict[str, Path], prompts, new_tokens: int) -> float:
@@ -92,7 +97,8 @@ def peft_xlora_speed(adapters: dict[str, Path], prompts, new_tokens: int) -> flo
         adapters={str(i): str(path) for i, path in enumerate(adapters.values())},  # PEFT's names
     )
     model = get_peft_model(loaded.model, config).eval()
-    return decode_speed(model, loaded.tokenizer, prompts, new_tokens, runs=2)  # ~2 min a run
+    peft = {"peft": (model, loaded.tokenizer, {})}
+    return decode_speeds(peft, prompts, new_tokens, rounds=2)["peft"]  # ~2 min a round
 
 
 def main() -> None:
@@ -113,9 +119,7 @@ def main() -> None:
     prompts = [r["prompt"] for r in tests[:: max(1, len(tests) // args.decode_batch)]]
     prompts = prompts[: args.decode_batch]
     base = load_model(dtype="bfloat16")
-    base_speed = decode_speed(base.model, base.tokenizer, prompts, args.new_tokens)
-    print(f"base model: {base_speed:.1f} tok/s", flush=True)
-    del base
+    decoders = {"base": (base.model.eval(), base.tokenizer, {})}  # timed together at the end
 
     common = dict(
         data="task:all", train_examples=1000, max_steps=args.steps, batch_size=8, lr=args.lr,
@@ -141,20 +145,24 @@ def main() -> None:
                 )
         model = result.model.eval()
         scores = exact_match(model, result.tokenizer, tests, batch_size=32)
-        speed = decode_speed(model, result.tokenizer, prompts, args.new_tokens)
+        decoders[label] = (model, result.tokenizer, {})
+        if settings.get("router") == "xlora":
+            decoders[f"{label}, no KV cache"] = (model, result.tokenizer, {"use_cache": False})
         results[label] = {
             "scores": {name: scores[name]["accuracy"] for name in folders},
             "trainable": trainable,
             "train_tok_s": result.tokens_per_second,
-            "decode_tok_s": speed,
         }
-        if settings.get("router") == "xlora":
-            results[label]["uncached_tok_s"] = decode_speed(
-                model, result.tokenizer, prompts, args.new_tokens, use_cache=False
-            )
         print(label, results[label], flush=True)
-        del model, result
 
+    speeds = decode_speeds(decoders, prompts, args.new_tokens)
+    print("decode tok/s", speeds, flush=True)
+    base_speed = speeds.pop("base")
+    for label, result in results.items():
+        result["decode_tok_s"] = speeds[label]
+        if f"{label}, no KV cache" in speeds:
+            result["uncached_tok_s"] = speeds[f"{label}, no KV cache"]
+    del decoders
     peft_speed = peft_xlora_speed(folders, prompts, args.new_tokens)
     print(f"PEFT X-LoRA: {peft_speed:.1f} tok/s", flush=True)
     write_table(args, folders, results, base_speed, peft_speed, time.perf_counter() - start)
@@ -191,7 +199,8 @@ def write_table(args, folders, results, base_speed: float, peft_speed: float, se
         "cosine) on the six built-in tasks mixed (1000 examples each); X-LoRA trains only its "
         f"classifier over the per-task adapters in `{args.adapters}`. Exact match: greedy, "
         f"{args.n} test items per task. Decoding: {args.decode_batch} prompts × "
-        f"{args.new_tokens} new tokens, greedy, KV cache, best of three runs. PEFT's X-LoRA "
+        f"{args.new_tokens} new tokens, greedy, KV cache, best of three rounds that each decode "
+        "with every variant and the base model in turn, after all training. PEFT's X-LoRA "
         "(dense scalings, no KV cache, which it refuses; best of two) runs on the same adapters "
         "in the same run. "
         f"Total time {seconds:.0f} s.\n\n"
