@@ -69,7 +69,7 @@ def decode_speeds(
     every entry in turn (the first also warms up), so a slower spell of the machine hits all
     alike."""
     best = dict.fromkeys(entries, float("inf"))
-    with torch.no_grad():
+    with torch.inference_mode():
         for _ in range(rounds):
             for label, (model, tokenizer, kwargs) in entries.items():
                 inputs = left_padded(

@@ -225,6 +225,22 @@ def test_radargate_inference_keeps_derived_factors_until_they_change(write):
     assert not torch.allclose(changed, first)
 
 
+@pytest.mark.parametrize("router", ["flylora", "radargate"])
+def test_training_after_inference_mode_uses_fresh_or_normal_kept_tensors(router, tokens):
+    """What routers keep between inference forwards never breaks a later training step."""
+    settings = {"r": 8, "top_k": 2} if router == "flylora" else {"num_experts": 3}
+    model = tiny_llama(layers=2).to(torch.bfloat16)  # kept casts of the fp32 factors
+    built = build_mixture(model, RouterConfig(router, target_modules=["q_proj"], **settings))
+    with torch.inference_mode():
+        before = run(model, tokens)
+    model.train()
+    run(model, tokens).sum().backward()  # FlyLoRA's frozen A is kept even while training
+    assert all(layer.lora_B.grad is not None for layer in built.layers.values())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, tokens), before.clone(), atol=0.05, rtol=0)
+
+
 def test_radargate_output_can_leave_the_cone_of_expert_outputs():
     """A gated sum lies in the cone of the experts' outputs; a rotation can take it out."""
     layer, router = radargate_layer(2.5)

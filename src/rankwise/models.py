@@ -108,9 +108,23 @@ def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
     except (OSError, ValueError, RuntimeError) as err:
         raise RankwiseError(f"could not load model from '{folder}': {first_line(err)}") from err
     model.eval().requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(contiguous_inputs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, name)
+
+
+def contiguous_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+    """The LM head's input as one contiguous block (a forward pre-hook).
+
+    transformers hands the head a strided view of the last positions (``logits_to_keep``); with
+    a frozen weight, torch's matmul then copies the [hidden, vocab] weight once per sequence
+    instead of folding the batch into one product. Measured on SmolLM2's head, 16 prompts:
+    545 ms instead of 4 ms in bf16, 55 instead of 17 in fp32, once per batched prefill.
+    """
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def gguf_to_folder(path: Path) -> Path:

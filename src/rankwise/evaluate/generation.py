@@ -31,7 +31,7 @@ class Sampling:
         }
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -55,7 +55,7 @@ def generate(
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_batch(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

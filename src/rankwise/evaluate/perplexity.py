@@ -41,7 +41,7 @@ def windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]
     return spans
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def perplexity(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,

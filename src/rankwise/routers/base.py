@@ -10,8 +10,9 @@ Routers keep their last gates (``last_gates``, detached, [..., E]) so that
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -63,6 +64,46 @@ class Router(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.last_gates: torch.Tensor | None = None  # (..., E) of the last forward, detached
+        self.kept: dict[str, tuple[tuple, Any]] = {}  # name -> (key of its sources, value)
+
+    def read(
+        self, layer: LowRankExperts, x: torch.Tensor, *maps: nn.Linear, down: bool = True
+    ) -> tuple[torch.Tensor | None, ...]:
+        """A x (None unless ``down``) and each of ``maps`` applied to x, as (tokens, n) fp32 each.
+
+        One product over the concatenated weights in x's dtype, as autocast would run the gate
+        linears, with the output cast to the factors' dtype (fp32) for the gate maths: on CPU
+        one bf16 product over A and the gates costs less than a bf16 A x plus an fp32 gate
+        product (and 3.5x less than one fp32 product at prefill sizes). Router experts have no
+        dropout, so A and the gates read the same x. The cast concatenation is formed at every
+        training forward and kept between inference forwards (``held``).
+        """
+        weights = [m.weight for m in maps]
+        biases = [m.bias for m in maps if m.bias is not None]
+        if down:
+            weights.insert(0, layer.lora_A)
+        weight, bias = self.held(
+            f"reader {x.dtype}", lambda: joint_linear(weights, maps, x.dtype), *weights, *biases
+        )
+        out = nn.functional.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+        parts = out.to(layer.lora_A.dtype).split([w.shape[0] for w in weights], dim=-1)
+        return parts if down else (None, *parts)
+
+    def held(self, name: str, make: Callable[[], Any], *sources: torch.Tensor) -> Any:
+        """``make()``: formed at every training forward, kept between inference forwards.
+
+        ``sources`` change only through in-place writes (optimizer steps, loading), which bump
+        their version, so the kept value is formed again after any of them. It is formed as a
+        normal tensor even in inference mode, so a later training forward may still use it
+        (FlyLoRA's frozen A).
+        """
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return make()
+        key = tuple((t.data_ptr(), t._version) for t in sources)
+        if name not in self.kept or self.kept[name][0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self.kept[name] = (key, make())
+        return self.kept[name][1]
 
     @classmethod
     def check(cls, config: RouterConfig) -> None:
@@ -137,6 +178,22 @@ def top_k_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return torch.softmax(values, dim=-1), chosen
 
 
+def joint_linear(
+    weights: list[torch.Tensor], maps: tuple[nn.Linear, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight stacking ``weights`` (A first, if read) and a bias with the maps' biases in
+    their rows (zeros elsewhere, None when no map has one), both in ``dtype``."""
+    weight = (weights[0] if len(weights) == 1 else torch.cat(weights)).to(dtype)
+    if all(m.bias is None for m in maps):
+        return weight, None
+    pads = weight.shape[0] - sum(m.weight.shape[0] for m in maps)
+    parts = [weight.new_zeros(pads)] + [
+        m.bias.to(dtype) if m.bias is not None else weight.new_zeros(m.weight.shape[0])
+        for m in maps
+    ]
+    return weight, torch.cat(parts)
+
+
 def dense_gates(weights: torch.Tensor, chosen: torch.Tensor, n: int) -> torch.Tensor:
     """Top-k weights scattered into a dense (..., n) gate tensor with zeros elsewhere."""
     return weights.new_zeros(*weights.shape[:-1], n).scatter(-1, chosen, weights)
@@ -155,10 +212,12 @@ def routed_sum(
     gates: torch.Tensor,
     chosen: torch.Tensor,
     into: torch.Tensor,
+    h: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """into + sum_e g_e s_e B_e A_e x over each token's chosen experts.
 
-    x (..., in), gates (..., E) zero outside the chosen experts, chosen (..., k). Two ways give
+    x (..., in), gates (..., E) zero outside the chosen experts, chosen (..., k); h is A x when
+    the router read it (``Router.read``), which means the dense way. Two ways give
     the same sum (a test checks it): grouped, tokens are gathered per expert and each group
     costs one product with A_e and one with B_e, so an expert no token chose never runs; dense,
     all experts run in the two products of a plain LoRA and unchosen ones get gate 0 in rank
@@ -167,6 +226,8 @@ def routed_sum(
     where the skipped work is large (``grouped``).
     """
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
+    if h is not None:
+        return layer.up(h, layer.rank_gate(gates), into)
     if not grouped(layer, chosen.shape[-1], flat.shape[0]):
         return layer.gated(x, layer.rank_gate(gates), into)
     idx = chosen.reshape(flat.shape[0], -1)  # (N, k)

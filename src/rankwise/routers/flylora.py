@@ -49,9 +49,9 @@ class FlyLoRA(BalancedRanks):
     def forward(
         self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
     ) -> torch.Tensor:
-        h = layer.down(x)  # (..., R)
-        chosen = (h.detach().to(self.bias.dtype) + self.bias).topk(self.k, dim=-1).indices
-        mask = h.new_zeros(h.shape, dtype=self.bias.dtype).scatter(-1, chosen, 1.0)
+        (h,) = self.read(layer, x)  # (tokens, R), fp32
+        chosen = (h.detach() + self.bias).topk(self.k, dim=-1).indices
+        mask = h.new_zeros(h.shape).scatter(-1, chosen, 1.0)
         self.count(chosen)
-        self.last_gates = mask
+        self.last_gates = mask.view(*x.shape[:-1], -1)
         return layer.up(h, mask * layer.rank_scaling, into)

@@ -24,6 +24,7 @@ from rankwise.routers.base import (
     RouterConfig,
     block_index,
     dense_gates,
+    grouped,
     register,
     routed_sum,
     top_k_softmax,
@@ -69,13 +70,14 @@ class MoLA(Router):
     def forward(
         self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
     ) -> torch.Tensor:
-        logits = self.gate(x.to(self.gate.weight.dtype))  # (..., E)
-        weights, chosen = top_k_softmax(logits, self.k)  # (..., k)
+        dense = not grouped(layer, self.k, x.numel() // x.shape[-1])
+        h, logits = self.read(layer, x, self.gate, down=dense)  # (tokens, R), (tokens, E)
+        weights, chosen = top_k_softmax(logits, self.k)  # (tokens, k)
         if self.training and self.aux_coef:
             self.last_probs = torch.softmax(logits, dim=-1)
         gates = dense_gates(weights, chosen, layer.num_experts)
-        self.last_gates = gates.detach()
-        return routed_sum(layer, x, gates, chosen, into)
+        self.last_gates = gates.detach().view(*x.shape[:-1], -1)
+        return routed_sum(layer, x, gates, chosen, into, h)
 
     @classmethod
     def aux_loss(cls, routers: dict[str, Router]) -> torch.Tensor:

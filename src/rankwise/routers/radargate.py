@@ -15,9 +15,6 @@ f_e, so the whole sum reduces to per-expert coefficients applied in rank space.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -78,7 +75,6 @@ class RadarGate(Router):
         # coefficients over their ranks with the scalings applied.
         owned = torch.arange(num, device=layer.rank_owner.device)[:, None] == layer.rank_owner
         self.register_buffer("spread", owned * layer.rank_scaling, persistent=False)
-        self.kept: dict[str, tuple[tuple, Any]] = {}  # name -> (key of the sources, value)
 
     def expert_views(
         self, layer: LowRankExperts, x: torch.Tensor
@@ -93,41 +89,15 @@ class RadarGate(Router):
     ) -> torch.Tensor:
         """y + sum_e w_e R(o_e, f_e, theta_e) o_e, in rank space (see ``expert_coefficients``).
 
-        A x, the stretch logits and the angles come from one product in the factors' dtype
-        (fp32; router experts have no dropout, so all three read the same x), as h feeds the
-        Gram maths; the product with B runs in x's dtype, as a plain LoRA's. At decoding sizes
-        one fp32 product over the concatenated maps, kept between inference forwards, costs
-        less than three separate ones (measured on CPU: a bf16 A x alone costs twice as much).
+        A x, the stretch logits and the angles come from one fp32 product (``Router.read``);
+        h feeds the Gram maths in fp32 and the product with B runs in x's dtype, as a plain
+        LoRA's.
         """
-        rank, num = layer.lora_A.shape[0], layer.num_experts
-        readers = (layer.lora_A, self.stretch.weight, self.angle.weight, self.angle.bias)
-        weight, bias = self.held("readers", lambda: self.joint_reader(layer), *readers)
-        joint = nn.functional.linear(x.reshape(-1, x.shape[-1]).to(weight.dtype), weight, bias)
-        h, logits, theta = joint.split((rank, num, num), dim=-1)  # (tokens, R | E | E)
+        h, logits, theta = self.read(layer, x, self.stretch, self.angle)  # (tokens, R | E | E)
         weights = torch.softmax(logits, dim=-1)
-        self.last_gates = weights.detach().view(*x.shape[:-1], num)
+        self.last_gates = weights.detach().view(*x.shape[:-1], -1)
         coefficients = self.expert_coefficients(layer, h, weights, theta)
         return layer.up(h, coefficients @ self.spread, into)
-
-    def joint_reader(self, layer: LowRankExperts) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight [A; W_stretch; W_angle] and bias [0; 0; b_angle] of the maps reading x."""
-        weight = torch.cat([layer.lora_A, self.stretch.weight, self.angle.weight])
-        zeros = self.angle.bias.new_zeros(weight.shape[0] - self.angle.bias.shape[0])
-        return weight, torch.cat([zeros, self.angle.bias])
-
-    def held(self, name: str, make: Callable[[], Any], *sources: torch.Tensor) -> Any:
-        """``make()``: formed at every training forward, kept between inference forwards.
-
-        ``sources`` change only through in-place writes (optimizer steps, loading), which
-        bump their version, so the kept value is formed again after any of them.
-        """
-        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-            return make()
-        key = tuple((t.data_ptr(), t._version) for t in sources)
-        if name not in self.kept or self.kept[name][0] != key:
-            with torch.no_grad():
-                self.kept[name] = (key, make())
-        return self.kept[name][1]
 
     def expert_coefficients(
         self, layer: LowRankExperts, h: torch.Tensor, weights: torch.Tensor, theta: torch.Tensor
@@ -136,24 +106,36 @@ class RadarGate(Router):
 
         The rotation keeps o_e in the plane of o_e and f_e = sum_j M_ej o_j, so the rotated
         output is a_e o_e + b_e f_e, with a_e and b_e from the dot products o.o, f.o and f.f
-        alone. Those come from the Gram matrix G_ij = o_i . o_j = h_i^T B_i^T B_j h_j, formed
-        in rank space from B^T B, so no expert's output is ever materialised: the cost is two
-        products with A and B like a plain LoRA, plus O(R^2) per token. ``rotate`` is the
-        explicit form (a test checks they agree).
+        alone. Each is a quadratic form h^T W h in rank space (``quadratic_forms``), so no
+        expert's output is ever materialised: the cost is two products with A and B like a
+        plain LoRA, plus O(E R^2) per token. ``rotate`` is the explicit form (a test checks
+        they agree).
         """
-        split = h.unsqueeze(-2) * self.spread  # (tokens, E, R): row e holds s_e h_e, else 0
-        b = layer.lora_B
-        b_gram = self.held("b_gram", lambda: b.T @ b, b)  # [R, R]
-        gram = torch.bmm(split @ b_gram, split.mT)  # (tokens, E, E), symmetric
-        fg = gram @ self.fuse.T  # (tokens, E, E): [k, e] = o_k . f_e
-        oo = gram.diagonal(dim1=-2, dim2=-1).clamp_min(EPS**2)  # (tokens, E): |o_e|^2
-        fo = fg.diagonal(dim1=-2, dim2=-1)  # f_e . o_e
-        ff = (fg * self.fuse.T).sum(-2)  # f_e . f_e = sum_k M_ek o_k . f_e
+        sources = (layer.lora_B, self.fuse)
+        forms = self.held("forms", lambda: self.quadratic_forms(layer), *sources)  # [R, 3E R]
+        num, rank = weights.shape[-1], h.shape[-1]
+        values = torch.bmm((h @ forms).view(-1, 3 * num, rank), h.unsqueeze(-1))  # (tokens, 3E, 1)
+        oo, fo, ff = values.squeeze(-1).split(num, dim=-1)  # (tokens, E) each
         # f_e - along * o_e is the part of f_e orthogonal to o_e; its squared norm is
-        # ff - 2 along fo + along^2 oo = ff - along fo. Clamped before the square roots, so a
-        # zero output (B = 0 at init) has zero gradient.
+        # ff - 2 along fo + along^2 oo = ff - along fo. Clamped before the divisions and
+        # square roots, so a zero output (B = 0 at init) has zero gradient.
+        oo = oo.clamp_min(EPS**2)
         along = fo / oo
         rest = torch.addcmul(ff, along, fo, value=-1).clamp_min(EPS**2)  # |f_e - along o_e|^2
         b_coef = torch.sin(theta) * (oo / rest).sqrt()
         a_coef = torch.addcmul(torch.cos(theta), b_coef, along, value=-1)
         return torch.addcmul((weights * b_coef) @ self.fuse, weights, a_coef)
+
+    def quadratic_forms(self, layer: LowRankExperts) -> torch.Tensor:
+        """W with (h W)[k R + p] = sum_q h_q W_k[q, p] for the 3E forms h^T W_k h = o_e . o_e,
+        f_e . o_e, f_e . f_e. [R, 3E R]
+
+        o_e = B S_e h with S_e = diag(spread[e]) and f_e = B diag((M spread)[e]) h, so every
+        form is G * (u v^T) for G = B^T B and u, v rows of spread or M spread.
+        """
+        b = layer.lora_B
+        fused = self.fuse @ self.spread  # (E, R): row e spreads f_e's mix over the ranks
+        left = torch.cat([self.spread, fused, fused])  # (3E, R)
+        right = torch.cat([self.spread, self.spread, fused])
+        forms = (b.T @ b).unsqueeze(1) * left.T.unsqueeze(-1) * right.unsqueeze(0)  # (R, 3E, R)
+        return forms.reshape(b.shape[1], -1)

@@ -89,10 +89,11 @@ class SMoRA(BalancedRanks):
     def forward(
         self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
     ) -> torch.Tensor:
-        scores = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype)))  # (..., R)
+        h, logits = self.read(layer, x, self.gate)  # (tokens, R) each
+        scores = torch.sigmoid(logits)
         chosen = (scores + self.bias).topk(self.k, dim=-1).indices  # bias only picks ranks
         picked = scores.gather(-1, chosen)
         weights = dense_gates(picked / picked.sum(-1, keepdim=True), chosen, scores.shape[-1])
         self.count(chosen)
-        self.last_gates = weights.detach()
-        return layer.gated(x, weights * layer.rank_scaling, into)
+        self.last_gates = weights.detach().view(*x.shape[:-1], -1)
+        return layer.up(h, weights * layer.rank_scaling, into)
