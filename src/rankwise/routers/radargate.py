@@ -89,8 +89,8 @@ class RadarGate(Router):
     ) -> torch.Tensor:
         """y + sum_e w_e R(o_e, f_e, theta_e) o_e, in rank space (see ``expert_coefficients``).
 
-        A x, the stretch logits and the angles come from one fp32 product (``Router.read``);
-        h feeds the Gram maths in fp32 and the product with B runs in x's dtype, as a plain
+        A x, the stretch logits and the angles come from one product (``Router.read``), cast
+        to fp32 for the rotation maths; the product with B runs in x's dtype, as a plain
         LoRA's.
         """
         h, logits, theta = self.read(layer, x, self.stretch, self.angle)  # (tokens, R | E | E)
