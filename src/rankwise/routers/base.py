@@ -89,6 +89,10 @@ class Router(nn.Module):
         parts = out.to(layer.lora_A.dtype).split([w.shape[0] for w in weights], dim=-1)
         return parts if down else (None, *parts)
 
+    def keep_gates(self, gates: torch.Tensor, x: torch.Tensor) -> None:
+        """Keep this forward's gates, (tokens, E) or (..., E), as ``last_gates`` (..., E)."""
+        self.last_gates = gates.detach().view(*x.shape[:-1], -1)
+
     def held(self, name: str, make: Callable[[], Any], *sources: torch.Tensor) -> Any:
         """``make()``: formed at every training forward, kept between inference forwards.
 

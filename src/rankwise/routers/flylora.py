@@ -53,5 +53,5 @@ class FlyLoRA(BalancedRanks):
         chosen = (h.detach() + self.bias).topk(self.k, dim=-1).indices
         mask = h.new_zeros(h.shape).scatter(-1, chosen, 1.0)
         self.count(chosen)
-        self.last_gates = mask.view(*x.shape[:-1], -1)
+        self.keep_gates(mask, x)
         return layer.up(h, mask * layer.rank_scaling, into)

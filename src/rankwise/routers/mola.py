@@ -76,7 +76,7 @@ class MoLA(Router):
         if self.training and self.aux_coef:
             self.last_probs = torch.softmax(logits, dim=-1)
         gates = dense_gates(weights, chosen, layer.num_experts)
-        self.last_gates = gates.detach().view(*x.shape[:-1], -1)
+        self.keep_gates(gates, x)
         return routed_sum(layer, x, gates, chosen, into, h)
 
     @classmethod

@@ -95,7 +95,7 @@ class RadarGate(Router):
         """
         h, logits, theta = self.read(layer, x, self.stretch, self.angle)  # (tokens, R | E | E)
         weights = torch.softmax(logits, dim=-1)
-        self.last_gates = weights.detach().view(*x.shape[:-1], -1)
+        self.keep_gates(weights, x)
         coefficients = self.expert_coefficients(layer, h, weights, theta)
         return layer.up(h, coefficients @ self.spread, into)
 

@@ -95,5 +95,5 @@ class SMoRA(BalancedRanks):
         picked = scores.gather(-1, chosen)
         weights = dense_gates(picked / picked.sum(-1, keepdim=True), chosen, scores.shape[-1])
         self.count(chosen)
-        self.last_gates = weights.detach().view(*x.shape[:-1], -1)
+        self.keep_gates(weights, x)
         return layer.up(h, weights * layer.rank_scaling, into)

@@ -159,7 +159,7 @@ class XLoRA(Router):
         weights = self.state.weights[..., self.index, :]  # (B, T, k)
         chosen = self.state.chosen[..., self.index, :]
         gates = dense_gates(weights, chosen, layer.num_experts)
-        self.last_gates = gates.detach()
+        self.keep_gates(gates, x)
         return routed_sum(layer, x, gates, chosen, into)
 
     def scaling_pass(
