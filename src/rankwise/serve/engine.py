@@ -286,9 +286,12 @@ class Engine:
         for ticket in tickets:
             send(ticket, Failure(message))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> bool:
         """Admit and prefill waiting requests, then decode one token for every running one.
+
+        Runs in inference mode: the KV cache and every tensor of a step are inference tensors,
+        and nothing outside ``step`` computes with them.
 
         Returns whether work is left (running or waiting requests).
         """
