@@ -62,7 +62,7 @@ def variants(rank: int, adapters: list[str]) -> dict[str, dict]:
 
 
 def decode_speeds(
-    entries: dict[str, tuple], prompts: list[str], new_tokens: int, rounds: int = 3
+    entries: dict[str, tuple], prompts: list[str], new_tokens: int, rounds: int = 5
 ) -> dict[str, float]:
     """Greedy decoding tokens/s of every (model, tokenizer, generate kwargs) on one batch that
     generates exactly ``new_tokens`` per prompt: the best of ``rounds`` rounds that each time
@@ -199,7 +199,7 @@ def write_table(args, folders, results, base_speed: float, peft_speed: float, se
         "cosine) on the six built-in tasks mixed (1000 examples each); X-LoRA trains only its "
         f"classifier over the per-task adapters in `{args.adapters}`. Exact match: greedy, "
         f"{args.n} test items per task. Decoding: {args.decode_batch} prompts × "
-        f"{args.new_tokens} new tokens, greedy, KV cache, best of three rounds that each decode "
+        f"{args.new_tokens} new tokens, greedy, KV cache, best of five rounds that each decode "
         "with every variant and the base model in turn, after all training. PEFT's X-LoRA "
         "(dense scalings, no KV cache, which it refuses; best of two) runs on the same adapters "
         "in the same run. "

@@ -206,7 +206,9 @@ def test_radargate_rank_space_forward_equals_explicit_rotations():
     with torch.no_grad():
         layer.lora_B.zero_()  # B = 0 at init: zero output, finite gradients
     term(router, layer, x).sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in router.parameters() if p.grad is not None)
+    trained = [layer.lora_A, layer.lora_B, *router.parameters()]
+    assert all(torch.isfinite(p.grad).all() for p in trained if p.grad is not None)
+    assert layer.lora_B.grad.abs().sum() > 0  # B learns from zero, as a plain LoRA's does
 
 
 @pytest.mark.parametrize("write", ["lora_B", "policy.angle.bias"])

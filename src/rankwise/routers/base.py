@@ -10,7 +10,7 @@ Routers keep their last gates (``last_gates``, detached, [..., E]) so that
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -63,8 +63,8 @@ class Router(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.last_gates: torch.Tensor | None = None  # (..., E) of the last forward, detached
-        self.kept: dict[str, tuple[tuple, Any]] = {}  # name -> (key of its sources, value)
+        self.gates_kept: tuple[torch.Tensor, torch.Size] | None = None  # see ``keep_gates``
+        self.kept: dict[Hashable, tuple[tuple, Any]] = {}  # name -> (key of sources, value)
 
     def read(
         self, layer: LowRankExperts, x: torch.Tensor, *maps: nn.Linear, down: bool = True
@@ -78,22 +78,27 @@ class Router(nn.Module):
         dropout, so A and the gates read the same x. The cast concatenation is formed at every
         training forward and kept between inference forwards (``held``).
         """
-        weights = [m.weight for m in maps]
-        biases = [m.bias for m in maps if m.bias is not None]
-        if down:
-            weights.insert(0, layer.lora_A)
-        weight, bias = self.held(
-            f"reader {x.dtype}", lambda: joint_linear(weights, maps, x.dtype), *weights, *biases
-        )
+        weights = [layer.lora_A] * down + [m.weight for m in maps]
+        sources = weights + [m.bias for m in maps if m.bias is not None]
+        weight, bias = self.held(x.dtype, lambda: joint_linear(weights, maps, x.dtype), *sources)
         out = nn.functional.linear(x.reshape(-1, x.shape[-1]), weight, bias)
-        parts = out.to(layer.lora_A.dtype).split([w.shape[0] for w in weights], dim=-1)
+        parts = out.to(sources[0].dtype).split([w.shape[0] for w in weights], dim=-1)
         return parts if down else (None, *parts)
 
     def keep_gates(self, gates: torch.Tensor, x: torch.Tensor) -> None:
-        """Keep this forward's gates, (tokens, E) or (..., E), as ``last_gates`` (..., E)."""
-        self.last_gates = gates.detach().view(*x.shape[:-1], -1)
+        """Keep this forward's gates, (tokens, E) or (..., E), for ``last_gates``."""
+        self.gates_kept = (gates.detach(), x.shape[:-1])
 
-    def held(self, name: str, make: Callable[[], Any], *sources: torch.Tensor) -> Any:
+    @property
+    def last_gates(self) -> torch.Tensor | None:
+        """The last forward's gates (..., E), detached; shaped only when asked (decoding
+        calls every router hundreds of times per token, inspection reads a few)."""
+        if self.gates_kept is None:
+            return None
+        gates, lead = self.gates_kept
+        return gates.view(*lead, -1)
+
+    def held(self, name: Hashable, make: Callable[[], Any], *sources: torch.Tensor) -> Any:
         """``make()``: formed at every training forward, kept between inference forwards.
 
         ``sources`` change only through in-place writes (optimizer steps, loading), which bump
@@ -103,11 +108,12 @@ class Router(nn.Module):
         """
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return make()
-        key = tuple((t.data_ptr(), t._version) for t in sources)
-        if name not in self.kept or self.kept[name][0] != key:
+        key = tuple([(t.data_ptr(), t._version) for t in sources])
+        kept = self.kept.get(name)
+        if kept is None or kept[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                self.kept[name] = (key, make())
-        return self.kept[name][1]
+                kept = self.kept[name] = (key, make())
+        return kept[1]
 
     @classmethod
     def check(cls, config: RouterConfig) -> None:

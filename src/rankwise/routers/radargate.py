@@ -22,6 +22,7 @@ from rankwise.adapters.layer import LowRankExperts
 from rankwise.routers.base import Router, RouterConfig, register
 
 EPS = 1e-12
+TINY = torch.finfo(torch.float32).tiny  # floor of a squared area, before its rsqrt
 
 
 def plane_basis(o: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,16 +116,16 @@ class RadarGate(Router):
         forms = self.held("forms", lambda: self.quadratic_forms(layer), *sources)  # [R, 3E R]
         num, rank = weights.shape[-1], h.shape[-1]
         values = torch.bmm((h @ forms).view(-1, 3 * num, rank), h.unsqueeze(-1))  # (tokens, 3E, 1)
-        oo, fo, ff = values.squeeze(-1).split(num, dim=-1)  # (tokens, E) each
-        # f_e - along * o_e is the part of f_e orthogonal to o_e; its squared norm is
-        # ff - 2 along fo + along^2 oo = ff - along fo. Clamped before the divisions and
-        # square roots, so a zero output (B = 0 at init) has zero gradient.
-        oo = oo.clamp_min(EPS**2)
-        along = fo / oo
-        rest = torch.addcmul(ff, along, fo, value=-1).clamp_min(EPS**2)  # |f_e - along o_e|^2
-        b_coef = torch.sin(theta) * (oo / rest).sqrt()
-        a_coef = torch.addcmul(torch.cos(theta), b_coef, along, value=-1)
-        return torch.addcmul((weights * b_coef) @ self.fuse, weights, a_coef)
+        oo, fo, ff = values.view(-1, 3 * num).split(num, dim=-1)  # (tokens, E) each
+        # With D = oo ff - fo^2 (the squared area spanned by o_e and f_e; |f_e - (fo/oo) o_e|^2
+        # = D / oo), the rotated output is a_e o_e + b_e f_e with b_e = sin(theta) oo / sqrt(D)
+        # and a_e = cos(theta) - sin(theta) fo / sqrt(D). D is clamped to the smallest normal
+        # float, so a zero output (B = 0 at init) gives b_e = 0, a_e = cos(theta) and finite
+        # gradients (a test checks them).
+        area = torch.addcmul(oo * ff, fo, fo, value=-1).clamp_min(TINY)
+        turn = torch.sin(theta) * area.rsqrt()
+        a_coef = torch.addcmul(torch.cos(theta), turn, fo, value=-1)
+        return torch.addcmul((weights * turn * oo) @ self.fuse, weights, a_coef)
 
     def quadratic_forms(self, layer: LowRankExperts) -> torch.Tensor:
         """W with (h W)[k R + p] = sum_q h_q W_k[q, p] for the 3E forms h^T W_k h = o_e . o_e,
