@@ -64,7 +64,8 @@ class Router(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.gates_kept: tuple[torch.Tensor, torch.Size] | None = None  # see ``keep_gates``
-        self.kept: dict[Hashable, tuple[tuple, Any]] = {}  # name -> (key of sources, value)
+        # name (read's: x's dtype) -> (key of its sources, value); see ``held``
+        self.kept: dict[Hashable, tuple[tuple, Any]] = {}
 
     def read(
         self, layer: LowRankExperts, x: torch.Tensor, *maps: nn.Linear, down: bool = True
@@ -78,7 +79,7 @@ class Router(nn.Module):
         dropout, so A and the gates read the same x. The cast concatenation is formed at every
         training forward and kept between inference forwards (``held``).
         """
-        weights = [layer.lora_A] * down + [m.weight for m in maps]
+        weights = ([layer.lora_A] if down else []) + [m.weight for m in maps]
         sources = weights + [m.bias for m in maps if m.bias is not None]
         weight, bias = self.held(x.dtype, lambda: joint_linear(weights, maps, x.dtype), *sources)
         out = nn.functional.linear(x.reshape(-1, x.shape[-1]), weight, bias)

@@ -107,7 +107,7 @@ class Grouped(Part):
         if self.rows is None:
             out.addmm_(h, bt[self.slot])
         else:
-            out.index_add_(0, self.rows, h @ bt[self.slot])
+            add_rows(out, self.rows, h @ bt[self.slot])
 
 
 class SlotMajor(Part):
@@ -127,8 +127,9 @@ class SlotMajor(Part):
             self.where = where
         else:
             order = torch.argsort(where)
-            self.order = order if rows is None else rows[order]  # row of out of each block row
-            self.identity = rows is None and bool((order == torch.arange(len(order))).all())
+            identity = rows is None and bool((order == torch.arange(len(order))).all())
+            # The row of out of each block row; None: the block is the tokens, in order.
+            self.order = None if identity else order if rows is None else rows[order]
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> None:
         if self.padded:
@@ -136,22 +137,24 @@ class SlotMajor(Part):
             block = x.new_zeros((self.hi - self.lo) * self.height, x.shape[-1])
             block.index_copy_(0, self.where, x)
         else:
-            block = x if self.identity else x.index_select(0, self.order)
+            block = x if self.order is None else x.index_select(0, self.order)
         block = block.reshape(self.hi - self.lo, self.height, -1)  # (S', m, in)
         # A (x^T) rather than x A^T: the same product, but read as matrix-vector products it
         # streams A at ~40 GB/s instead of ~28 (measured, 2 cores).
         ht = torch.bmm(a[self.lo : self.hi], block.transpose(1, 2))  # (S', R, m)
         y = torch.bmm(ht.transpose(1, 2), bt[self.lo : self.hi]).flatten(0, 1)  # (S' * m, out)
         if self.padded:
-            y = y.index_select(0, self.where)
-            if self.rows is None:
-                out.add_(y)
-            else:
-                out.index_add_(0, self.rows, y)
-        elif self.identity:
-            out.add_(y)
+            add_rows(out, self.rows, y.index_select(0, self.where))
         else:
-            out.index_add_(0, self.order, y)
+            add_rows(out, self.order, y)
+
+
+def add_rows(out: torch.Tensor, rows: torch.Tensor | None, y: torch.Tensor) -> None:
+    """out[rows] += y in place (rows None: every row, in order)."""
+    if rows is None:
+        out.add_(y)
+    else:
+        out.index_add_(0, rows, y)
 
 
 class Gathered(Plan):
