@@ -8,7 +8,10 @@ a trainable-parameter budget of about one rank-R LoRA each (FlyLoRA trains only 
 2R ranks). X-LoRA mixes the per-task adapters of ``bench/finetune.py quality`` (``--adapters``)
 and trains only its classifier. Each is scored by greedy exact match per task, and timed on
 greedy decoding of a fixed batch; PEFT's X-LoRA on the same adapters and the bare base model
-are timed in the same run. Writes the table into docs/benchmarks.md (section "mixtures").
+are timed in the same run. Each router's gates are then inspected on validation items of every
+task (``rankwise mix inspect``): which expert each task leans on and, for RadarGate, whether its
+rotations are contrastive, with the angle heatmap in docs/images/. Writes the tables into
+docs/benchmarks.md (section "mixtures").
 """
 
 from __future__ import annotations
@@ -28,16 +31,17 @@ from merging import task_adapters  # noqa: E402
 
 from rankwise.adapters import expert_layers  # noqa: E402
 from rankwise.data.formatting import encode_prompt  # noqa: E402
-from rankwise.data.tasks import TASKS  # noqa: E402
+from rankwise.data.tasks import TASKS, mixed  # noqa: E402
 from rankwise.evaluate.accuracy import exact_match  # noqa: E402
 from rankwise.evaluate.generation import left_padded  # noqa: E402
+from rankwise.mixture.inspect import Report, inspect_mixture, plot_angles  # noqa: E402
 from rankwise.mixture.train import MixConfig, MixtureRecipe  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
 from rankwise.train import from_mapping, train  # noqa: E402
 
 
 def variants(rank: int, adapters: list[str]) -> dict[str, dict]:
-    """Each variant's settings (scaling alpha / r = 2 throughout); None marks the single LoRA."""
+    """Each variant's settings (scaling 2 throughout: alpha / r, SMoRA's alpha / k)."""
     experts = 4
     return {
         f"single LoRA r={rank}": {"r": rank, "lora_alpha": 2 * rank},
@@ -46,7 +50,7 @@ def variants(rank: int, adapters: list[str]) -> dict[str, dict]:
             "num_experts": experts, "top_k": 2, "aux_coef": 0.001,
         },
         f"smora R={rank} top-{rank // 4}": {
-            "router": "smora", "r": rank, "lora_alpha": 2 * rank, "top_k": rank // 4,
+            "router": "smora", "r": rank, "lora_alpha": 2 * (rank // 4), "top_k": rank // 4,
         },
         f"flylora R={2 * rank} top-{rank // 4}": {
             "router": "flylora", "r": 2 * rank, "lora_alpha": 4 * rank, "top_k": rank // 4,
@@ -111,6 +115,9 @@ def main() -> None:
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--only", nargs="*", default=None, help="variant name prefixes to run")
+    parser.add_argument(
+        "--inspect-examples", type=int, default=16, help="validation items per task for routing"
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -127,6 +134,8 @@ def main() -> None:
         save_every=0, log_every=10,
     )  # fmt: skip
     results: dict[str, dict] = {}
+    reports: dict[str, Report] = {}
+    inspected = mixed(list(folders), n_per_task=args.inspect_examples, split="validation")
     for label, settings in variants(args.rank, [str(p) for p in folders.values()]).items():
         if args.only is not None and not any(label.startswith(o) for o in args.only):
             continue
@@ -136,6 +145,8 @@ def main() -> None:
                 recipe = MixtureRecipe(config)
                 result = train(config, hooks=recipe.hooks())
                 trainable = sum(p.numel() for p in recipe.built.trainable())
+                model = result.model.eval()
+                reports[label] = inspect_mixture(model, result.tokenizer, recipe.built, inspected)
             else:
                 result = train(from_mapping({**common, **settings, "output_dir": out}))
                 trainable = sum(
@@ -165,10 +176,32 @@ def main() -> None:
     del decoders
     peft_speed = peft_xlora_speed(folders, prompts, args.new_tokens)
     print(f"PEFT X-LoRA: {peft_speed:.1f} tok/s", flush=True)
-    write_table(args, folders, results, base_speed, peft_speed, time.perf_counter() - start)
+    routing = routing_table(reports, list(folders))
+    seconds = time.perf_counter() - start
+    write_table(args, folders, results, base_speed, peft_speed, seconds, routing)
 
 
-def write_table(args, folders, results, base_speed: float, peft_speed: float, seconds: float):
+def routing_table(reports: dict[str, Report], tasks: list[str]) -> str:
+    """Per router: the expert each task leans on (top mean gate in most layers); RadarGate's
+    contrast, with its angle heatmap written to docs/images/."""
+    rows = []
+    for label, report in reports.items():
+        top = report.favourites()
+        cells = [f"{top[t][0]} ({top[t][1]}/{top[t][2]})" for t in tasks]
+        contrast = ""
+        if report.angles_before is not None:
+            images = Path(__file__).resolve().parent.parent / "docs" / "images"
+            images.mkdir(exist_ok=True)
+            plot_angles(report, images / "radargate-rotation-angles.png")
+            contrast = f"{report.contrast():+.2f}"
+        rows.append([label, *cells, len({top[t][0] for t in tasks}), contrast])
+    headers = ["router", *tasks, "distinct experts", "corr(pair angle, its change)"]
+    return markdown_table(headers, rows)
+
+
+def write_table(
+    args, folders, results, base_speed: float, peft_speed: float, seconds: float, routing: str
+):
     """The accuracy and speed table into docs/benchmarks.md."""
     single = next((r for label, r in results.items() if label.startswith("single")), None)
     reference = single["decode_tok_s"] if single else base_speed
@@ -208,7 +241,14 @@ def write_table(args, folders, results, base_speed: float, peft_speed: float, se
         + markdown_table(headers, rows)
         + "\n\nTargets: MoLA, SMoRA, FlyLoRA and RadarGate decode at ≥ 0.75× the single LoRA; "
         "rankwise X-LoRA at ≥ 1.2× PEFT's X-LoRA; at least one router above the single LoRA's "
-        "mean exact match."
+        "mean exact match.\n\n"
+        f"Routing (`rankwise mix inspect`'s numbers, {args.inspect_examples} validation items "
+        "per task): per task the expert (rank, for SMoRA and FlyLoRA) with the top mean gate in "
+        "most adapted modules, and in how many of them. RadarGate's rotations are contrastive, "
+        "as the paper reports, where a pair's angle before rotation correlates positively with "
+        "the change the rotation makes to it (close pairs drawn together, distant ones pushed "
+        "apart); the pair angles are drawn in `docs/images/radargate-rotation-angles.png`.\n\n"
+        + routing
     )
     write_section("mixtures", body)
     print(body)

@@ -12,6 +12,7 @@ from conftest import save_tiny_model, tiny_llama
 from test_train import write_data
 
 from rankwise.adapters import LoraConfig, inject_adapter, save_adapter
+from rankwise.cli import main
 from rankwise.commands import mix
 from rankwise.errors import RankwiseError
 from rankwise.evaluate.generation import generate_batch
@@ -162,9 +163,8 @@ def test_cli_train_and_inspect_radargate(tmp_path, capsys):
         ]
     )
     args.func(args)
-    args = parse(
-        ["inspect", str(out), "--model", str(model_dir), "--data", str(data), "--examples", "4"]
-    )
+    inspect = ["inspect", str(out), "--model", str(model_dir), "--data", str(data)]
+    args = parse([*inspect, "--examples", "4", "--dtype", "bfloat16"])  # fp32 experts, bf16 x
     args.func(args)
     printed = capsys.readouterr().out
     assert "even: leans on expert" in printed and "contrastive pattern" in printed
@@ -172,6 +172,12 @@ def test_cli_train_and_inspect_radargate(tmp_path, capsys):
     assert (out / "inspect" / "rotation-angles.png").is_file()
     report = json.loads((out / "inspect" / "inspect.json").read_text())
     assert len(report["angles_before"]) == 3
+    # generate and eval take the mixture too
+    tiny = ["--model", str(model_dir), "--mixture", str(out), "--max-new-tokens", "3"]
+    assert main(["generate", *tiny, "w3 w4"]) == 0
+    assert main(["eval", *tiny, "--data", str(data), "--json", str(tmp_path / "eval.json")]) == 0
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert scores["mixture"] == str(out) and set(scores["exact_match"]) == {"even", "odd"}
 
 
 def test_mix_config_errors(tmp_path):

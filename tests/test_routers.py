@@ -137,6 +137,21 @@ def test_smora_sigmoid_gates_bias_and_balancing(tokens):
     assert set(router.last_gates.nonzero()[:, -1].tolist()) == {12, 13, 14, 15}
 
 
+def test_smora_active_ranks_scale_as_a_lora_of_rank_k():
+    """The k chosen ranks weigh alpha * normalised gate (official code: k ĝ times alpha / k)."""
+    model, built = mixture("smora", r=16, top_k=4, lora_alpha=8.0)
+    layer = built.layers["model.layers.0.self_attn.q_proj"]
+    router = layer.policy
+    x = torch.randn(5, layer.base.in_features)
+    with torch.no_grad():
+        scores = torch.sigmoid(router.gate(x))
+        chosen = (scores + router.bias).topk(4, dim=-1).indices
+        picked = scores.gather(-1, chosen)
+        gate = torch.zeros_like(scores).scatter(-1, chosen, picked / picked.sum(-1, keepdim=True))
+        expected = (x @ layer.lora_A.T * gate * 8.0) @ layer.lora_B.T
+        torch.testing.assert_close(term(router, layer, x), expected)
+
+
 def test_flylora_frozen_sparse_a_and_zero_grad_for_unselected_b(tokens):
     model, built = mixture("flylora", r=16, top_k=4)
     model.train()

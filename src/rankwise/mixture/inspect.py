@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from transformers import PreTrainedTokenizerBase  # noqa: E402
 
 from rankwise.data import collate, encode_example  # noqa: E402
@@ -120,6 +121,7 @@ def plot_gates(report: Report, folder: Path) -> list[Path]:
         image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(layers)), [short(n) for n in layers], fontsize=6)
         ax.set_xlabel("expert")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"mean gate: {task}")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
@@ -141,6 +143,8 @@ def plot_angles(report: Report, path: Path) -> Path:
         ax.set_title(f"pair angle {title} (deg)")
         ax.set_xlabel("expert")
         ax.set_ylabel("expert")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experts are whole numbers
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -28,7 +28,7 @@ class RouterConfig:
 
     router: str = "mola"  # xlora, mola, smora, flylora or radargate
     r: int = 8  # rank of each expert (mola, radargate); total rank R (smora, flylora)
-    lora_alpha: float = 16.0  # scaling alpha / r as in LoRA (rank experts use alpha / R)
+    lora_alpha: float = 16.0  # scaling alpha / r (smora: alpha / top_k; flylora: alpha / R)
     target_modules: list[str] | str = "all-linear"  # modules that get experts
     init: str = "init_a"  # init scheme of fresh experts
     num_experts: int = 4  # experts per module (mola when expert_pattern is empty, radargate)

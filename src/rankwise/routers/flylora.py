@@ -11,10 +11,11 @@ evaluation included).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from rankwise.adapters.layer import LowRankExperts
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.routers.base import RouterConfig, register
-from rankwise.routers.smora import BalancedRanks
+from rankwise.routers.smora import BalancedRanks, rank_experts
 
 
 def sparse_projection(
@@ -35,6 +36,10 @@ class FlyLoRA(BalancedRanks):
     """Top-k of A x (+ bias) picks the ranks; B is trained, A stays frozen."""
 
     name = "flylora"
+
+    @classmethod
+    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
+        return rank_experts(model, config, config.r)  # alpha / R, as the official code
 
     def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
         super().__init__(layer, config, index)

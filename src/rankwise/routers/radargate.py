@@ -80,7 +80,11 @@ class RadarGate(Router):
     def expert_views(
         self, layer: LowRankExperts, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each expert's output and its rotated version. (..., E, out) each"""
+        """Each expert's output and its rotated version, in the factors' dtype. (..., E, out) each
+
+        The explicit form, for inspection and checks; x of a bf16 base is cast up.
+        """
+        x = x.to(layer.lora_A.dtype)
         outputs = layer.expert_outputs(layer.down(x) * layer.rank_scaling)  # (..., E, out)
         fused = torch.einsum("ej,...jd->...ed", self.fuse, outputs)
         return outputs, rotate(outputs, fused, self.angle(x))

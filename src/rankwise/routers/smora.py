@@ -1,10 +1,12 @@
 """SMoRA (arXiv 2501.15103): the ranks of one LoRA are its experts, a few active per token.
 
-One LoRA of rank R is stored as R rank-1 experts (scaling alpha / R, as the whole LoRA). A linear
-router gives sigmoid gates per rank; the top-k ranks by gate plus a non-trained bias are active,
-weighted by their gates normalised to sum 1. Instead of an auxiliary loss, the bias moves after
-each optimizer step by ``bias_rate`` toward balanced use: up for ranks used less than average,
-down for the others (the loss-free balancing of DeepSeek-V3, arXiv 2412.19437).
+One LoRA of rank R is stored as R rank-1 experts. A linear router gives sigmoid gates per rank;
+the top-k ranks by gate plus a non-trained bias are active, weighted by their gates normalised
+to sum 1. As in the official code (github.com/StyxXuan/smora), the k active ranks then act as a
+LoRA of rank k: scaling alpha / k, each rank weighted by k times its normalised gate (mean 1),
+so the chosen ranks' weights sum to alpha whatever R is. Instead of an auxiliary loss, the bias
+moves after each optimizer step by ``bias_rate`` toward balanced use: up for ranks used less
+than average, down for the others (the loss-free balancing of DeepSeek-V3, arXiv 2412.19437).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from rankwise.errors import RankwiseError
 from rankwise.routers.base import Router, RouterConfig, dense_gates, register
 
 
-def rank_experts(model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
-    """R rank-1 experts per targeted module, together scaled like one LoRA of rank R."""
-    spec = ExpertSpec(1, config.lora_alpha / config.r, init=config.init)
+def rank_experts(
+    model: nn.Module, config: RouterConfig, active: int
+) -> dict[str, list[ExpertSpec]]:
+    """R rank-1 experts per targeted module, each scaled alpha / ``active``: a LoRA of rank
+    ``active`` (R when every rank counts, FlyLoRA; k when k ranks act, SMoRA)."""
+    spec = ExpertSpec(1, config.lora_alpha / active, init=config.init)
     return {name: [spec] * config.r for name in select_targets(model, config.target_modules)}
 
 
@@ -41,10 +46,6 @@ class BalancedRanks(Router):
         self.rate = config.bias_rate
         self.register_buffer("bias", torch.zeros(rank, dtype=layer.lora_A.dtype))
         self.register_buffer("load", torch.zeros(rank), persistent=False)
-
-    @classmethod
-    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
-        return rank_experts(model, config)
 
     @classmethod
     def check(cls, config: RouterConfig) -> None:
@@ -81,6 +82,10 @@ class SMoRA(BalancedRanks):
 
     name = "smora"
 
+    @classmethod
+    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
+        return rank_experts(model, config, config.top_k)
+
     def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
         super().__init__(layer, config, index)
         self.gate = nn.Linear(layer.base.in_features, layer.lora_A.shape[0], bias=False)
@@ -96,4 +101,5 @@ class SMoRA(BalancedRanks):
         weights = dense_gates(picked / picked.sum(-1, keepdim=True), chosen, scores.shape[-1])
         self.count(chosen)
         self.keep_gates(weights, x)
-        return layer.up(h, weights * layer.rank_scaling, into)
+        # k ĝ (mean 1 over the chosen ranks) times alpha / k: a rank-k LoRA's scale.
+        return layer.up(h, weights * (self.k * layer.rank_scaling), into)
