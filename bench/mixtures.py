@@ -244,10 +244,11 @@ def write_table(
         "mean exact match.\n\n"
         f"Routing (`rankwise mix inspect`'s numbers, {args.inspect_examples} validation items "
         "per task): per task the expert (rank, for SMoRA and FlyLoRA) with the top mean gate in "
-        "most adapted modules, and in how many of them. RadarGate's rotations are contrastive, "
-        "as the paper reports, where a pair's angle before rotation correlates positively with "
-        "the change the rotation makes to it (close pairs drawn together, distant ones pushed "
-        "apart); the pair angles are drawn in `docs/images/radargate-rotation-angles.png`.\n\n"
+        "most adapted modules, and in how many of them. RadarGate's rotations count as "
+        "contrastive, the paper's claim, when a pair's angle before rotation correlates "
+        "positively with the change the rotation makes to it (close pairs drawn together, "
+        "distant ones pushed apart); the pair angles are drawn in "
+        "`docs/images/radargate-rotation-angles.png`.\n\n"
         + routing
     )
     write_section("mixtures", body)
