@@ -248,8 +248,7 @@ def write_table(
         "contrastive, the paper's claim, when a pair's angle before rotation correlates "
         "positively with the change the rotation makes to it (close pairs drawn together, "
         "distant ones pushed apart); the pair angles are drawn in "
-        "`docs/images/radargate-rotation-angles.png`.\n\n"
-        + routing
+        "`docs/images/radargate-rotation-angles.png`.\n\n" + routing
     )
     write_section("mixtures", body)
     print(body)
