@@ -39,6 +39,8 @@ from rankwise.mixture.train import MixConfig, MixtureRecipe  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
 from rankwise.train import from_mapping, train  # noqa: E402
 
+IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+
 
 def variants(rank: int, adapters: list[str]) -> dict[str, dict]:
     """Each variant's settings (scaling 2 throughout: alpha / r, SMoRA's alpha / k)."""
@@ -145,8 +147,6 @@ def main() -> None:
                 recipe = MixtureRecipe(config)
                 result = train(config, hooks=recipe.hooks())
                 trainable = sum(p.numel() for p in recipe.built.trainable())
-                model = result.model.eval()
-                reports[label] = inspect_mixture(model, result.tokenizer, recipe.built, inspected)
             else:
                 result = train(from_mapping({**common, **settings, "output_dir": out}))
                 trainable = sum(
@@ -156,6 +156,8 @@ def main() -> None:
                 )
         model = result.model.eval()
         scores = exact_match(model, result.tokenizer, tests, batch_size=32)
+        if "router" in settings:
+            reports[label] = inspect_mixture(model, result.tokenizer, recipe.built, inspected)
         decoders[label] = (model, result.tokenizer, {})
         if settings.get("router") == "xlora":
             decoders[f"{label}, no KV cache"] = (model, result.tokenizer, {"use_cache": False})
@@ -176,6 +178,10 @@ def main() -> None:
     del decoders
     peft_speed = peft_xlora_speed(folders, prompts, args.new_tokens)
     print(f"PEFT X-LoRA: {peft_speed:.1f} tok/s", flush=True)
+    for report in reports.values():
+        if report.angles_before is not None:  # RadarGate
+            IMAGES.mkdir(exist_ok=True)
+            plot_angles(report, IMAGES / "radargate-rotation-angles.png")
     routing = routing_table(reports, list(folders))
     seconds = time.perf_counter() - start
     write_table(args, folders, results, base_speed, peft_speed, seconds, routing)
@@ -183,17 +189,12 @@ def main() -> None:
 
 def routing_table(reports: dict[str, Report], tasks: list[str]) -> str:
     """Per router: the expert each task leans on (top mean gate in most layers); RadarGate's
-    contrast, with its angle heatmap written to docs/images/."""
+    contrast."""
     rows = []
     for label, report in reports.items():
         top = report.favourites()
         cells = [f"{top[t][0]} ({top[t][1]}/{top[t][2]})" for t in tasks]
-        contrast = ""
-        if report.angles_before is not None:
-            images = Path(__file__).resolve().parent.parent / "docs" / "images"
-            images.mkdir(exist_ok=True)
-            plot_angles(report, images / "radargate-rotation-angles.png")
-            contrast = f"{report.contrast():+.2f}"
+        contrast = "" if report.angles_before is None else f"{report.contrast():+.2f}"
         rows.append([label, *cells, len({top[t][0] for t in tasks}), contrast])
     headers = ["router", *tasks, "distinct experts", "corr(pair angle, its change)"]
     return markdown_table(headers, rows)

@@ -39,7 +39,7 @@ class FlyLoRA(BalancedRanks):
 
     @classmethod
     def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
-        return rank_experts(model, config, config.r)  # alpha / R, as the official code
+        return rank_experts(model, config, config.lora_alpha / config.r)  # as official code
 
     def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
         super().__init__(layer, config, index)

@@ -4,9 +4,10 @@ One LoRA of rank R is stored as R rank-1 experts. A linear router gives sigmoid 
 the top-k ranks by gate plus a non-trained bias are active, weighted by their gates normalised
 to sum 1. As in the official code (github.com/StyxXuan/smora), the k active ranks then act as a
 LoRA of rank k: scaling alpha / k, each rank weighted by k times its normalised gate (mean 1),
-so the chosen ranks' weights sum to alpha whatever R is. Instead of an auxiliary loss, the bias
-moves after each optimizer step by ``bias_rate`` toward balanced use: up for ranks used less
-than average, down for the others (the loss-free balancing of DeepSeek-V3, arXiv 2412.19437).
+so the chosen ranks' weights sum to alpha whatever R is (stored as scaling alpha per rank).
+Instead of an auxiliary loss, the bias moves after each optimizer step by ``bias_rate`` toward
+balanced use: up for ranks used less than average, down for the others (the loss-free
+balancing of DeepSeek-V3, arXiv 2412.19437).
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from rankwise.routers.base import Router, RouterConfig, dense_gates, register
 
 
 def rank_experts(
-    model: nn.Module, config: RouterConfig, active: int
+    model: nn.Module, config: RouterConfig, scaling: float
 ) -> dict[str, list[ExpertSpec]]:
-    """R rank-1 experts per targeted module, each scaled alpha / ``active``: a LoRA of rank
-    ``active`` (R when every rank counts, FlyLoRA; k when k ranks act, SMoRA)."""
-    spec = ExpertSpec(1, config.lora_alpha / active, init=config.init)
+    """R rank-1 experts per targeted module, each with the given scaling (alpha = scaling)."""
+    spec = ExpertSpec(1, scaling, init=config.init)
     return {name: [spec] * config.r for name in select_targets(model, config.target_modules)}
 
 
@@ -84,7 +84,8 @@ class SMoRA(BalancedRanks):
 
     @classmethod
     def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
-        return rank_experts(model, config, config.top_k)
+        """Scaling alpha per rank: alpha / k of a rank-k LoRA times k ĝ (mean 1 when chosen)."""
+        return rank_experts(model, config, config.lora_alpha)
 
     def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
         super().__init__(layer, config, index)
@@ -101,5 +102,4 @@ class SMoRA(BalancedRanks):
         weights = dense_gates(picked / picked.sum(-1, keepdim=True), chosen, scores.shape[-1])
         self.count(chosen)
         self.keep_gates(weights, x)
-        # k ĝ (mean 1 over the chosen ranks) times alpha / k: a rank-k LoRA's scale.
-        return layer.up(h, weights * (self.k * layer.rank_scaling), into)
+        return layer.up(h, weights * layer.rank_scaling, into)
