@@ -14,6 +14,7 @@ from torch import nn
 
 from rankwise.adapters.init import INIT_SCHEMES
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.architectures import is_linear
 from rankwise.errors import RankwiseError
 
 ALL_LINEAR = "all-linear"
@@ -65,8 +66,8 @@ def pattern_key(patterns: Iterable[str], module_name: str) -> str | None:
     return None
 
 
-def adaptable_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """Linear layers adapters can target: every ``nn.Linear`` but the output head.
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear layers adapters can target: every ``nn.Linear`` or ``Conv1D`` but the output head.
 
     Linears already wrapped by ``LowRankExperts`` count under the wrapper's name.
     """
@@ -75,7 +76,7 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Linear]:
     for name, module in model.named_modules():
         if isinstance(module, LowRankExperts):
             found[name] = module.base
-        elif isinstance(module, nn.Linear) and module is not head and name not in found:
+        elif is_linear(module) and module is not head and name not in found:
             parent = name.rpartition(".")[0]
             if parent not in found:  # skip the ``base`` inside a wrapper
                 found[name] = module
@@ -85,6 +86,8 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Linear]:
 def select_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
     """Names of the linear layers that ``target_modules`` selects; unknown names are an error."""
     available = adaptable_modules(model)
+    if not available:
+        raise RankwiseError(f"{type(model).__name__} has no linear layers adapters can target")
     if target_modules == ALL_LINEAR:
         return list(available)
     if isinstance(target_modules, str):

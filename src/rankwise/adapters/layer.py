@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from rankwise.adapters.init import init_experts
+from rankwise.architectures import dense_weight, is_transposed, linear_shape
+from rankwise.errors import RankwiseError
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,10 @@ class ExpertSpec:
 
 
 class LowRankExperts(nn.Module):
-    """Wraps an ``nn.Linear`` (kept frozen as ``base``) with E low-rank experts.
+    """Wraps a linear map (kept frozen as ``base``) with E low-rank experts.
+
+    ``base`` is an ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored [in, out]); the factors
+    have the same shapes either way (A [R, in], B [out, R]), as in PEFT.
 
     The output is ``policy(layer, x, gates, y)``: a module that decides how the experts combine
     gets x in the base's dtype and the base output y, and returns y plus the low-rank term.
@@ -59,14 +64,16 @@ class LowRankExperts(nn.Module):
             raise ValueError("LowRankExperts needs at least one expert")
         self.base = base
         self.base.requires_grad_(False)
+        self.in_features, self.out_features = linear_shape(base)
+        self.fan_in_fan_out = is_transposed(base)  # PEFT's name for the [in, out] layout
         self.experts = tuple(experts)
         ranks = [e.rank for e in self.experts]
         total = sum(ranks)
         factory = {"device": base.weight.device, "dtype": torch.float32}
         if base.weight.dtype in (torch.float32, torch.float64):
             factory["dtype"] = base.weight.dtype
-        self.lora_A = nn.Parameter(torch.empty(total, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, total, **factory))
+        self.lora_A = nn.Parameter(torch.empty(total, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, total, **factory))
         init_experts(self)
         # Per-rank bookkeeping: which expert owns each rank, and its scaling s_e.
         owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
@@ -180,7 +187,13 @@ class LowRankExperts(nn.Module):
         """Add the static-gated update into ``base.weight``; forward then skips the experts."""
         if self.merged:
             raise RuntimeError("adapter is already merged")
-        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        if not isinstance(self.policy, WeightedSum):
+            raise RankwiseError(
+                f"cannot merge experts routed by {type(self.policy).__name__}: only a fixed "
+                "weighted sum of experts folds into one weight"
+            )
+        weight = dense_weight(self.base)  # [out, in], a view for Conv1D
+        weight += self.delta_weight().to(weight.dtype)
         self.merged = True
 
     @torch.no_grad()
@@ -191,12 +204,13 @@ class LowRankExperts(nn.Module):
         """
         if not self.merged:
             raise RuntimeError("adapter is not merged")
-        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        weight = dense_weight(self.base)
+        weight -= self.delta_weight().to(weight.dtype)
         self.merged = False
 
     def extra_repr(self) -> str:
         return (
-            f"in={self.base.in_features}, out={self.base.out_features}, ranks={self.ranks}, "
+            f"in={self.in_features}, out={self.out_features}, ranks={self.ranks}, "
             f"scalings={[round(e.scaling, 4) for e in self.experts]}"
         )
 

@@ -29,6 +29,7 @@ from rankwise.adapters.inject import (
     pattern_key,
 )
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.architectures import linear_shape
 from rankwise.errors import RankwiseError
 
 CONFIG_FILE = "adapter_config.json"
@@ -39,7 +40,6 @@ KEY = re.compile(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight$")
 # PEFT options that change the computation in ways plain LoRA does not model.
 UNSUPPORTED = {
     "use_dora": False,
-    "fan_in_fan_out": False,
     "lora_bias": False,
     "bias": "none",
     "modules_to_save": None,
@@ -56,6 +56,9 @@ class LoraWeights:
     use_rslora: bool = False
     dropout: float = 0.0
     base_model: str | None = None
+    # the adapted layers store their weight [in, out] (GPT-2's Conv1D); the factors' shapes are
+    # the same either way, only merging into such a base transposes the update
+    fan_in_fan_out: bool = False
 
     def rank(self, module: str) -> int:
         return self.factors[module][0].shape[0]
@@ -149,6 +152,7 @@ def weights_from_tensors(
         use_rslora=bool(config.get("use_rslora", False)),
         dropout=float(config.get("lora_dropout", 0.0)),
         base_model=config.get("base_model_name_or_path"),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
     )
 
 
@@ -200,7 +204,7 @@ def peft_config(weights: LoraWeights) -> dict:
         "use_rslora": weights.use_rslora,
         "lora_dropout": weights.dropout,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": weights.fan_in_fan_out,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -217,14 +221,14 @@ def check_compatible(model: nn.Module, weights: LoraWeights, source: str = "adap
                 f"(its linear layers are {', '.join(module_kinds(available))}); "
                 f"was it trained for another base model ({weights.base_model})?"
             )
-        linear = available[module]
-        expected_a = [a.shape[0], linear.in_features]
-        expected_b = [linear.out_features, b.shape[1]]
+        fan_in, fan_out = linear_shape(available[module])
+        expected_a = [a.shape[0], fan_in]
+        expected_b = [fan_out, b.shape[1]]
         if list(a.shape) != expected_a or list(b.shape) != expected_b:
             raise RankwiseError(
                 f"{source} does not fit this model at '{module}': lora_A {list(a.shape)} and "
                 f"lora_B {list(b.shape)}, but the layer needs {expected_a} and {expected_b} "
-                f"(weight {[linear.out_features, linear.in_features]}); "
+                f"(weight {[fan_out, fan_in]}); "
                 f"it was trained for {weights.base_model or 'another base model'}"
             )
 
@@ -273,7 +277,7 @@ def weights_from_model(
     layers = expert_layers(model)
     if not layers:
         raise RankwiseError("the model has no adapters to save")
-    factors, alphas, rslora, dropouts = {}, {}, set(), set()
+    factors, alphas, rslora, dropouts, transposed = {}, {}, set(), set(), False
     for name, layer in layers.items():
         spec = layer.experts[expert]
         if spec.rank == 0:
@@ -283,9 +287,10 @@ def weights_from_model(
         alphas[name] = spec.alpha
         rslora.add(spec.use_rslora)
         dropouts.add(spec.dropout)
+        transposed |= layer.fan_in_fan_out
     if len(rslora) > 1:
         raise RankwiseError("PEFT's format needs one use_rslora setting for the whole adapter")
-    return LoraWeights(factors, alphas, rslora.pop(), max(dropouts), base_model)
+    return LoraWeights(factors, alphas, rslora.pop(), max(dropouts), base_model, transposed)
 
 
 def save_adapter(

@@ -91,6 +91,7 @@ def merge_adapters(
         use_rslora=False,
         dropout=max(w.dropout for w in adapters),
         base_model=base_model,
+        fan_in_fan_out=any(w.fan_in_fan_out for w in adapters),
     )
     report = MergeReport(
         method=method,

@@ -9,7 +9,6 @@ Routers keep their last gates (``last_gates``, detached, [..., E]) so that
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -252,9 +251,3 @@ def routed_sum(
         h = (flat[token] @ a.T) * (w[token, slot] * spec.scaling).to(x.dtype)[:, None]  # (n_e, r)
         out = out.index_add(0, token, h @ b.T)
     return out.view(into.shape)
-
-
-def block_index(module_name: str) -> int:
-    """The decoder block a module belongs to (``model.layers.<i>.``), 0 if none."""
-    found = re.search(r"\.layers\.(\d+)\.", module_name)
-    return int(found.group(1)) if found else 0

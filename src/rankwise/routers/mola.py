@@ -18,11 +18,11 @@ from torch import nn
 
 from rankwise.adapters.inject import select_targets
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.architectures import block_index
 from rankwise.errors import RankwiseError
 from rankwise.routers.base import (
     Router,
     RouterConfig,
-    block_index,
     dense_gates,
     grouped,
     register,
@@ -45,7 +45,7 @@ class MoLA(Router):
 
     def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
         super().__init__()
-        self.gate = nn.Linear(layer.base.in_features, layer.num_experts, bias=False)
+        self.gate = nn.Linear(layer.in_features, layer.num_experts, bias=False)
         self.gate.to(layer.lora_A)
         self.k = min(config.top_k or layer.num_experts, layer.num_experts)
         self.aux_coef = config.aux_coef

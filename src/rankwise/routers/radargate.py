@@ -63,7 +63,7 @@ class RadarGate(Router):
 
     def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
         super().__init__()
-        num, width = layer.num_experts, layer.base.in_features
+        num, width = layer.num_experts, layer.in_features
         self.stretch = nn.Linear(width, num, bias=False).to(layer.lora_A)
         self.angle = nn.Linear(width, num).to(layer.lora_A)
         nn.init.zeros_(self.angle.weight)

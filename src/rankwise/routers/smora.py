@@ -89,7 +89,7 @@ class SMoRA(BalancedRanks):
 
     def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
         super().__init__(layer, config, index)
-        self.gate = nn.Linear(layer.base.in_features, layer.lora_A.shape[0], bias=False)
+        self.gate = nn.Linear(layer.in_features, layer.lora_A.shape[0], bias=False)
         self.gate.to(layer.lora_A)
 
     def forward(

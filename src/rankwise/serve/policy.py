@@ -40,9 +40,9 @@ GROUP_ROWS = 8
 def slot_factors(layer: LowRankExperts, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of the stacked slots: A as [S, R, in] and B^T as [S, R, out] (scaling folded in)."""
     slots = layer.lora_A.shape[0] // rank
-    a = layer.lora_A.view(slots, rank, layer.base.in_features)  # (S, R, in)
+    a = layer.lora_A.view(slots, rank, layer.in_features)  # (S, R, in)
     # (S, R, out): contiguous when B is column-major, as SlotPool stores it
-    bt = layer.lora_B.T.view(slots, rank, layer.base.out_features)
+    bt = layer.lora_B.T.view(slots, rank, layer.out_features)
     return a, bt
 
 

@@ -30,6 +30,7 @@ from rankwise.adapters import (
     read_adapter,
     save_adapter,
 )
+from rankwise.architectures import head_logits
 from rankwise.data import IGNORE_INDEX, collate, encode_example, load_dataset_spec, pack_texts
 from rankwise.errors import RankwiseError
 from rankwise.models import load_model
@@ -154,10 +155,10 @@ def summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     ).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # (B, T-1)
     keep = targets != IGNORE_INDEX
-    head = model.get_output_embeddings()
     pieces = zip(hidden[:, :-1][keep].split(HEAD_ROWS), targets[keep].split(HEAD_ROWS), strict=True)
     return sum(
-        torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum") for h, t in pieces
+        torch.nn.functional.cross_entropy(head_logits(model, h), t, reduction="sum")
+        for h, t in pieces
     )
 
 

@@ -1,0 +1,106 @@
+"""Tiny random models of every architecture rankwise supports, built in code (no download).
+
+Each is small enough for unit tests and keeps what makes its family different: Qwen2's q/k/v
+biases, Qwen3's q_norm/k_norm, Mistral's sliding window, Gemma2's logit soft-capping,
+alternating sliding window and tied embeddings, Phi-3's fused ``qkv_proj``/``gate_up_proj``,
+GPT-2's ``Conv1D`` layers in blocks ``h.N`` and GPT-NeoX's fused ``query_key_value``.
+Sliding windows are 8 tokens, so a prompt of a dozen tokens already runs past them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 128
+WINDOW = 8  # sliding window of Mistral and Gemma2
+
+
+def configs() -> dict[str, PretrainedConfig]:
+    """One small config per architecture: hidden 32, 2 layers, 4 heads (2 KV heads where GQA)."""
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return {
+        "llama": LlamaConfig(**common, num_key_value_heads=2),
+        "qwen2": Qwen2Config(**common, num_key_value_heads=2),
+        "qwen3": Qwen3Config(**common, num_key_value_heads=2, head_dim=8),
+        "mistral": MistralConfig(**common, num_key_value_heads=2, sliding_window=WINDOW),
+        "gemma2": Gemma2Config(
+            **common,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=WINDOW,
+            final_logit_softcapping=3.0,  # small, so that the capping visibly bends the logits
+            attn_logit_softcapping=5.0,
+            tie_word_embeddings=True,
+        ),
+        "phi3": Phi3Config(**common, num_key_value_heads=2),
+        "gpt2": GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        "gpt_neox": GPTNeoXConfig(**common, rotary_pct=0.5),
+    }
+
+
+ARCHITECTURES = tuple(configs())
+
+
+def tiny_model(arch: str, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised model of ``arch`` (fp32, eval mode, frozen)."""
+    torch.manual_seed(seed)
+    config = configs()[arch]
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # large enough weights that adapters and capping change the logits
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.1)
+    return model.eval().requires_grad_(False)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over "w0".."w124" with <unk>, <s> and </s> (ids 0, 1, 2)."""
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *[f"w{i}" for i in range(125)]])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
+    """``tiny_model(arch, seed)`` with ``word_tokenizer()`` saved as a Hugging Face folder."""
+    tiny_model(arch, seed).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
