@@ -1,0 +1,270 @@
+"""One way to configure every verb: typed option classes whose fields are YAML keys and flags.
+
+An options class is a dataclass subclass of ``Options`` whose fields are declared with
+``option(default, help, choices=..., within=...)``. The same declaration gives
+
+- validation: types (a YAML ``yes`` is not a rank), bounds (``within="[1, inf)"``), choices
+  (a list, or a function returning a registry's names) and ``check()`` for rules across fields;
+- ``from_mapping``: unknown keys are an error that lists the known ones;
+- ``add_flags``: one ``--flag`` per field (underscores become dashes), with a help line that
+  states the effect, the default and the choices;
+- ``from_args``: a YAML file's values, overridden by every flag given on the command line.
+
+Lists are comma-separated on the command line; mappings (``rank_pattern``) are YAML-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Self
+
+from rankwise.configfile import load_yaml
+from rankwise.errors import RankwiseError
+
+INTERVAL = re.compile(r"^([\[(])\s*(-?[\d.e+-]+|-inf)\s*,\s*(-?[\d.e+-]+|inf)\s*([\])])$")
+FLAGLESS = "flagless"  # metadata key: a field set only from YAML or code (a mapping, say)
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] | Callable[[], Iterable[str]] | None = None,
+    within: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+) -> Any:
+    """Declare one setting: its default, a one-line effect, allowed choices and bounds.
+
+    ``within`` is an interval such as ``"[0, 1)"`` or ``"(0, inf)"``; ``parse`` turns the
+    command-line text into the value where the type alone does not say how.
+    """
+    metadata = {"help": help, "choices": choices, "within": within, "parse": parse}
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass
+class Options:
+    """Base of every options class: validates itself and knows its flags."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = coerce(getattr(self, f.name), hints[f.name], f.name)
+            setattr(self, f.name, value)
+            check_value(f, value)
+        self.check()
+
+    def check(self) -> None:
+        """Rules across fields; raise ``RankwiseError`` (nothing to check by default)."""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> Self:
+        """An instance from a mapping (a YAML file, a saved record); unknown keys fail."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise RankwiseError(
+                f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                f"known keys: {', '.join(known)}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -> None:
+        """One ``--flag`` per field (except ``skip``), unset by default so YAML can fill it."""
+        hints = typing.get_type_hints(cls)
+        taken = {a.dest for a in parser._actions}
+        for f in dataclasses.fields(cls):
+            if f.name in skip or f.name in taken or f.metadata.get(FLAGLESS):
+                continue
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                default=None,
+                type=flag_parser(f, hints[f.name]),
+                metavar=metavar(f, hints[f.name]),
+                help=help_line(f),
+            )
+
+    @classmethod
+    def values_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """The fields of ``cls`` that were given as flags, by name."""
+        return {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(cls)
+            if getattr(args, f.name, None) is not None
+        }
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, config_file: str | None = None) -> Self:
+        """The YAML file's values (if any) overridden by every flag given on the command line."""
+        values = load_yaml(config_file) if config_file else {}
+        return cls.from_mapping(values | cls.values_from_args(args), config_file or "flags")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as plain values (what checkpoints and saved records store)."""
+        return dataclasses.asdict(self)
+
+
+def flagless(default: Any, help: str) -> Any:
+    """A setting with no command-line flag (a mapping, set in YAML or code)."""
+    declared = option(default, help)
+    declared.metadata = types.MappingProxyType({**declared.metadata, FLAGLESS: True})
+    return declared
+
+
+def choices_of(f: dataclasses.Field) -> list[str] | None:
+    choices = f.metadata.get("choices")
+    if choices is None:
+        return None
+    return list(choices() if callable(choices) else choices)
+
+
+def check_value(f: dataclasses.Field, value: Any) -> None:
+    """Raise if ``value`` is outside the field's choices or bounds."""
+    name = f.name
+    choices = choices_of(f)
+    if choices is not None and value is not None:
+        for item in value if isinstance(value, list) else [value]:
+            if item not in choices:
+                raise RankwiseError(f"unknown {name} '{item}': choose one of {', '.join(choices)}")
+    within = f.metadata.get("within")
+    if within and value is not None:
+        low_closed, low, high, high_closed = interval(within)
+        for item in value if isinstance(value, list) else [value]:
+            below = item < low if low_closed else item <= low
+            above = item > high if high_closed else item >= high
+            if below or above:
+                raise RankwiseError(f"{name} must be in {within}, got {item}")
+
+
+def interval(text: str) -> tuple[bool, float, float, bool]:
+    """(low closed, low, high, high closed) of an interval written like ``"[0, 1)"``."""
+    found = INTERVAL.match(text)
+    if found is None:
+        raise ValueError(f"bad interval {text!r}")
+    return found[1] == "[", float(found[2]), float(found[3]), found[4] == "]"
+
+
+def kinds(hint: Any) -> tuple[Any, ...]:
+    """The alternatives of a type hint (``int | None`` -> (int, NoneType))."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def coerce(value: Any, hint: Any, name: str) -> Any:
+    """``value`` checked against the hint; ints become floats where a float is expected.
+
+    A bool is never a number, and a YAML scalar where a list is expected stays an error unless
+    the hint also allows the scalar.
+    """
+    for kind in kinds(hint):
+        if kind is type(None) and value is None:
+            return None
+        if kind is typing.Any:
+            return value
+        origin = typing.get_origin(kind)
+        if origin is list and isinstance(value, list | tuple):
+            (item,) = typing.get_args(kind)
+            try:
+                return [coerce(v, item, name) for v in value]
+            except RankwiseError:
+                continue
+        if origin is dict and isinstance(value, dict):
+            key_kind, item = typing.get_args(kind)
+            try:
+                return {coerce(k, key_kind, name): coerce(v, item, name) for k, v in value.items()}
+            except RankwiseError:
+                continue
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(value, float) and math.isnan(value):
+                break
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    raise RankwiseError(f"{name} must be {describe(hint)}, got {value!r}")
+
+
+def describe(hint: Any) -> str:
+    """A type hint in words: ``int | None`` -> "an integer or none"."""
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    parts = []
+    for kind in kinds(hint):
+        if kind is type(None):
+            parts.append("none")
+        elif typing.get_origin(kind) is list:
+            parts.append(f"a list of {describe(typing.get_args(kind)[0])[2:]}s")
+        elif typing.get_origin(kind) is dict:
+            parts.append("a mapping")
+        else:
+            parts.append(words.get(kind, getattr(kind, "__name__", str(kind))))
+    return " or ".join(parts)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def flag_parser(f: dataclasses.Field, hint: Any) -> Callable[[str], Any]:
+    """How a flag's text becomes a value: the field's ``parse``, else by its type."""
+    if f.metadata.get("parse"):
+        return f.metadata["parse"]
+    alternatives = [k for k in kinds(hint) if k is not type(None)]
+    scalars = [k for k in alternatives if k in (bool, int, float, str)]
+    lists = [typing.get_args(k)[0] for k in alternatives if typing.get_origin(k) is list]
+
+    def parse(text: str) -> Any:
+        if lists and ("," in text or not scalars):
+            return [scalar(part, lists[0]) for part in text.split(",") if part]
+        return scalar(text, scalars[0] if scalars else str)
+
+    return parse
+
+
+def scalar(text: str, kind: type) -> Any:
+    """One command-line word as a bool, int, float or str."""
+    if kind is bool:
+        return parse_bool(text)
+    try:
+        return kind(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected {describe(kind)}, got {text!r}") from err
+
+
+def metavar(f: dataclasses.Field, hint: Any) -> str:
+    choices = choices_of(f)
+    if choices is not None:
+        return "{" + ",".join(choices) + "}"
+    alternatives = [k for k in kinds(hint) if k is not type(None)]
+    if any(typing.get_origin(k) is list for k in alternatives):
+        return "A,B,..."
+    names = {bool: "BOOL", int: "INT", float: "FLOAT"}
+    return names.get(alternatives[0], f.name.upper()) if alternatives else f.name.upper()
+
+
+def help_line(f: dataclasses.Field) -> str:
+    """The field's effect, then its default and bounds (``%`` escaped for argparse)."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    extra = f"default: {shown}" if default not in (None, "", []) else "default: unset"
+    if f.metadata.get("within"):
+        extra += f"; within {f.metadata['within']}"
+    return f"{f.metadata['help']} ({extra})".replace("%", "%%")
