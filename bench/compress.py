@@ -39,7 +39,7 @@ from rankwise.compress import (  # noqa: E402
 from rankwise.data.corpus import python_docs  # noqa: E402
 from rankwise.evaluate.perplexity import perplexity  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
-from rankwise.train import from_mapping, train  # noqa: E402
+from rankwise.train import TrainConfig, train  # noqa: E402
 
 
 def number(value: float) -> str:
@@ -54,7 +54,7 @@ def recovery_row(args, tokenizer, evaluate, base_ppl: float, base_costs) -> list
                       seq_len=args.seq_len)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         save_compressed(model, tokenizer, f"{tmp}/model", record)
-        config = from_mapping(
+        config = TrainConfig.from_mapping(
             dict(
                 model=f"{tmp}/model", data="corpus:python-docs", output_dir=f"{tmp}/adapter",
                 max_steps=args.recover_steps, seq_len=256, batch_size=4, r=16, lora_alpha=32,

@@ -29,7 +29,7 @@ from common import machine, markdown_table, write_section  # noqa: E402
 from rankwise.data import TASKS, collate, get_task  # noqa: E402
 from rankwise.evaluate.accuracy import exact_match  # noqa: E402
 from rankwise.models import DEFAULT_MODEL, load_model  # noqa: E402
-from rankwise.train import from_mapping, train  # noqa: E402
+from rankwise.train import TrainConfig, train  # noqa: E402
 from rankwise.train.loop import (  # noqa: E402
     batch_indices,
     build_examples,
@@ -60,7 +60,7 @@ def quality(args: argparse.Namespace) -> None:
     for name in names:
         test = get_task(name).test_set(args.test_examples)
         before = exact_match(base.model, base.tokenizer, test)["all"]["accuracy"]
-        config = from_mapping(
+        config = TrainConfig.from_mapping(
             dict(
                 data=f"task:{name}",
                 output_dir=str(Path(args.out) / name),
@@ -101,7 +101,7 @@ def peft_worker(steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     loaded = load_model()
-    config = from_mapping({**SPEED, "max_steps": steps})
+    config = TrainConfig.from_mapping({**SPEED, "max_steps": steps})
     torch.manual_seed(0)
     peft = get_peft_model(
         loaded.model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
@@ -129,7 +129,9 @@ def peft_worker(steps: int) -> dict:
 
 
 def rankwise_worker(steps: int, dtype: str, out: str) -> dict:
-    config = from_mapping({**SPEED, "max_steps": steps, "dtype": dtype, "output_dir": out})
+    config = TrainConfig.from_mapping(
+        {**SPEED, "max_steps": steps, "dtype": dtype, "output_dir": out}
+    )
     result = train(config)
     loaded = load_model(dtype=dtype)
     val, _ = build_examples(config.data, loaded.tokenizer, config, "validation", 0)

@@ -29,37 +29,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, write_section  # noqa: E402
 from merging import task_adapters  # noqa: E402
 
-from rankwise.adapters import expert_layers  # noqa: E402
 from rankwise.data.formatting import encode_prompt  # noqa: E402
 from rankwise.data.tasks import TASKS, mixed  # noqa: E402
 from rankwise.evaluate.accuracy import exact_match  # noqa: E402
 from rankwise.evaluate.generation import left_padded  # noqa: E402
+from rankwise.mixture import MixConfig, train_mixture  # noqa: E402
 from rankwise.mixture.inspect import Report, inspect_mixture, plot_angles  # noqa: E402
-from rankwise.mixture.train import MixConfig, MixtureRecipe  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
-from rankwise.train import from_mapping, train  # noqa: E402
+from rankwise.train import TrainConfig, train  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+ALL = {"target_modules": "all-linear"}  # every variant with fresh experts adapts every linear
 
 
 def variants(rank: int, adapters: list[str]) -> dict[str, dict]:
     """Each variant's settings (scaling 2 throughout: alpha / r, SMoRA's alpha / k)."""
     experts = 4
     return {
-        f"single LoRA r={rank}": {"r": rank, "lora_alpha": 2 * rank},
+        f"single LoRA r={rank}": {"r": rank, "lora_alpha": 2 * rank, **ALL},
         f"mola {experts}×r{rank // experts} top-2": {
-            "router": "mola", "r": rank // experts, "lora_alpha": 2 * rank // experts,
-            "num_experts": experts, "top_k": 2, "aux_coef": 0.001,
+            "router": "mola", "expert_rank": rank // experts, "lora_alpha": 2 * rank // experts,
+            "num_experts": experts, "top_k": 2, "aux_coef": 0.001, **ALL,
         },
         f"smora R={rank} top-{rank // 4}": {
-            "router": "smora", "r": rank, "lora_alpha": 2 * (rank // 4), "top_k": rank // 4,
+            "router": "smora", "rank": rank, "lora_alpha": 2 * (rank // 4), "top_k": rank // 4,
+            **ALL,
         },
         f"flylora R={2 * rank} top-{rank // 4}": {
-            "router": "flylora", "r": 2 * rank, "lora_alpha": 4 * rank, "top_k": rank // 4,
+            "router": "flylora", "rank": 2 * rank, "lora_alpha": 4 * rank, "top_k": rank // 4,
+            **ALL,
         },
         f"radargate {experts}×r{rank // experts}": {
-            "router": "radargate", "r": rank // experts, "lora_alpha": 2 * rank // experts,
-            "num_experts": experts, "top_k": 0,
+            "router": "radargate", "expert_rank": rank // experts,
+            "lora_alpha": 2 * rank // experts, "num_experts": experts, **ALL,
         },
         f"xlora {len(adapters)} task adapters": {
             "router": "xlora", "adapters": adapters, "top_k": 0,
@@ -132,7 +134,7 @@ def main() -> None:
 
     common = dict(
         data="task:all", train_examples=1000, max_steps=args.steps, batch_size=8, lr=args.lr,
-        warmup_steps=20, dtype="bfloat16", target_modules="all-linear", eval_every=0,
+        warmup_steps=20, dtype="bfloat16", eval_every=0,
         save_every=0, log_every=10,
     )  # fmt: skip
     results: dict[str, dict] = {}
@@ -142,22 +144,16 @@ def main() -> None:
         if args.only is not None and not any(label.startswith(o) for o in args.only):
             continue
         with tempfile.TemporaryDirectory() as out:
+            values = {**common, **settings, "output_dir": out}
             if "router" in settings:
-                config = MixConfig(**{**common, **settings, "output_dir": out})
-                recipe = MixtureRecipe(config)
-                result = train(config, hooks=recipe.hooks())
-                trainable = sum(p.numel() for p in recipe.built.trainable())
+                result = train_mixture(MixConfig.from_mapping(values))
             else:
-                result = train(from_mapping({**common, **settings, "output_dir": out}))
-                trainable = sum(
-                    p.numel()
-                    for layer in expert_layers(result.model).values()
-                    for p in layer.adapter_params().values()
-                )
+                result = train(TrainConfig.from_mapping(values))
+            trainable = sum(p.numel() for p in result.trained.parameters())
         model = result.model.eval()
         scores = exact_match(model, result.tokenizer, tests, batch_size=32)
         if "router" in settings:
-            reports[label] = inspect_mixture(model, result.tokenizer, recipe.built, inspected)
+            reports[label] = inspect_mixture(model, result.tokenizer, result.trained, inspected)
         decoders[label] = (model, result.tokenizer, {})
         if settings.get("router") == "xlora":
             decoders[f"{label}, no KV cache"] = (model, result.tokenizer, {"use_cache": False})

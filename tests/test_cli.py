@@ -52,10 +52,10 @@ def test_example_configs_are_valid(name):
     from pathlib import Path
 
     from rankwise.configfile import load_yaml
-    from rankwise.train.config import from_mapping
+    from rankwise.train.config import TrainConfig
 
     root = Path(__file__).resolve().parent.parent
-    config = from_mapping(load_yaml(root / "examples" / f"{name}.yaml"))
+    config = TrainConfig.from_mapping(load_yaml(root / "examples" / f"{name}.yaml"))
     assert config.max_steps > 0
 
 

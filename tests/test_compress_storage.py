@@ -128,7 +128,7 @@ def test_compress_without_calibration_records_none():
 @pytest.mark.parametrize("method, options", [("svd", {}), ("a3", {})])
 def test_load_model_and_training_use_a_compressed_folder(method, options, tmp_path, tokens):
     from rankwise.models import load_model
-    from rankwise.train import from_mapping, train
+    from rankwise.train import TrainConfig, train
 
     model = compressed(method, 0.3, **options)
     save_compressed(model, tiny_tokenizer(), tmp_path / "out", {"method": method})
@@ -137,7 +137,7 @@ def test_load_model_and_training_use_a_compressed_folder(method, options, tmp_pa
         assert torch.allclose(loaded.model(tokens).logits, model(tokens).logits, atol=1e-5)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "w1 w2", "completion": "w3"}) + "\n")
-    config = from_mapping(
+    config = TrainConfig.from_mapping(
         dict(
             model=str(tmp_path / "out"),
             data=str(data),

@@ -55,7 +55,7 @@ def test_yaml_config_equals_flags_and_flags_override(tmp_path, folders):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("adapters: [a]\nmethod: ties\nsparsity: 0.2\n", "unknown key.*sparsity"),
+        ("adapters: [a]\nmethod: ties\nsparsity: 0.2\n", "unknown config keys.*sparsity"),
         ("adapters: [a]\nrank: yes\n", "rank must be int"),
         ("adapters: [a]\nweights: [1, two]\n", "weights must be a list of"),
         ("- a\n- b\n", "must be a mapping"),

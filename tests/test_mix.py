@@ -16,17 +16,16 @@ from rankwise.cli import main
 from rankwise.commands import mix
 from rankwise.errors import RankwiseError
 from rankwise.evaluate.generation import generate_batch
-from rankwise.mixture import MixConfig, train_mixture
+from rankwise.mixture import MixConfig, build_mixture, load_mixture, save_mixture, train_mixture
 from rankwise.mixture.inspect import inspect_mixture, plot_gates
+from rankwise.mixture.mixture import CONFIG_FILE
 from rankwise.models import load_model
-from rankwise.routers import RouterConfig, build_mixture, load_mixture, save_mixture
-from rankwise.routers.mixture import CONFIG_FILE
 from rankwise.train.metrics import read_metrics
 
 ROUTER_SETTINGS = {
     "mola": {"expert_pattern": "2,3", "top_k": 2, "aux_coef": 0.001},
-    "smora": {"r": 8, "top_k": 2},
-    "flylora": {"r": 8, "top_k": 2},
+    "smora": {"rank": 8, "top_k": 2},
+    "flylora": {"rank": 8, "top_k": 2},
     "radargate": {"num_experts": 3},
     "xlora": {"top_k": 2, "layerwise": True, "classifier_depth": 2},
 }
@@ -51,14 +50,23 @@ def settings(router: str, folder: Path) -> dict:
     return {"router": router, **ROUTER_SETTINGS[router], **extra}
 
 
+def build(model: torch.nn.Module, router: str, **options):
+    """A fresh mixture of ``router`` with these settings on the model."""
+    return build_mixture(model, router, options)
+
+
+def targeted(router: str, folder: Path, targets: list[str]) -> dict:
+    """``settings`` plus the target modules, where the router takes them (not X-LoRA)."""
+    values = settings(router, folder)
+    return values if router == "xlora" else {**values, "target_modules": targets}
+
+
 @pytest.mark.parametrize("router", sorted(ROUTER_SETTINGS))
 def test_save_load_round_trip_gives_identical_logits(router, tmp_path, tokens):
     model = tiny_llama()
-    config = RouterConfig(
-        target_modules=["q_proj", "v_proj", "down_proj"], **settings(router, tmp_path)
-    )
+    values = targeted(router, tmp_path, ["q_proj", "v_proj", "down_proj"])
     torch.manual_seed(1)
-    built = build_mixture(model, config)
+    built = build(model, **values)
     with torch.no_grad():
         for layer in built.layers.values():
             layer.lora_B.normal_(std=0.2)
@@ -78,7 +86,7 @@ def test_save_load_round_trip_gives_identical_logits(router, tmp_path, tokens):
 
 
 def test_load_rejects_a_mismatched_model(tmp_path):
-    built = build_mixture(tiny_llama(), RouterConfig(router="mola", target_modules=["q_proj"]))
+    built = build(tiny_llama(), "mola", target_modules=["q_proj"])
     save_mixture(built, tmp_path / "mix")
     with pytest.raises(RankwiseError, match="no linear layer|does not match|wrong shapes"):
         load_mixture(tiny_llama(hidden=64), tmp_path / "mix")
@@ -91,7 +99,6 @@ def mix_config(tmp_path: Path, router: str, **overrides) -> MixConfig:
         model=str(model_dir),
         data=str(write_data(tmp_path, n=16)),
         output_dir=str(tmp_path / "run"),
-        target_modules=["q_proj", "v_proj", "up_proj"],
         max_steps=8,
         batch_size=16,  # the whole data set: every step sees the same batch
         lr=2e-2,
@@ -99,9 +106,9 @@ def mix_config(tmp_path: Path, router: str, **overrides) -> MixConfig:
         save_every=4,
         log_every=1,
         eval_every=0,
-        **settings(router, tmp_path),
+        **targeted(router, tmp_path, ["q_proj", "v_proj", "up_proj"]),
     )
-    return MixConfig(**{**values, **overrides})
+    return MixConfig.from_mapping({**values, **overrides})
 
 
 @pytest.mark.parametrize("router", sorted(ROUTER_SETTINGS))
@@ -182,17 +189,17 @@ def test_cli_train_and_inspect_radargate(tmp_path, capsys):
 
 def test_mix_config_errors(tmp_path):
     with pytest.raises(RankwiseError, match="lora_dropout"):
-        MixConfig(router="mola", lora_dropout=0.1)
+        MixConfig.from_mapping({"router": "mola", "lora_dropout": 0.1})
     with pytest.raises(RankwiseError, match="adapters"):
-        MixConfig(router="xlora")
-    assert MixConfig(router="xlora", adapters="a,b").adapters == ["a", "b"]
+        MixConfig.from_mapping({"router": "xlora"})
+    args = parse(["train", "--router", "xlora", "--adapters", "a,b"])
+    assert MixConfig.from_args(args).adapters == ["a", "b"]
 
 
 @pytest.mark.parametrize("router", sorted(ROUTER_SETTINGS))
 def test_generate_matches_greedy_full_forwards(router, tmp_path):
     model = tiny_llama()
-    config = RouterConfig(target_modules=["q_proj", "v_proj"], **settings(router, tmp_path))
-    built = build_mixture(model, config)
+    built = build(model, **targeted(router, tmp_path, ["q_proj", "v_proj"]))
     with torch.no_grad():
         for layer in built.layers.values():
             layer.lora_B.normal_(std=0.3)
@@ -214,8 +221,7 @@ def test_generate_matches_greedy_full_forwards(router, tmp_path):
 def test_inspect_mola_with_uneven_experts(tmp_path):
     model_dir = save_tiny_model(tmp_path / "tiny")
     loaded = load_model(str(model_dir))
-    config = RouterConfig(router="mola", expert_pattern="2,4", target_modules=["q_proj"])
-    built = build_mixture(loaded.model, config)
+    built = build(loaded.model, "mola", expert_pattern="2,4", target_modules=["q_proj"])
     records = [
         {"prompt": f"w{i} w{i + 1}", "completion": "w3", "task": "ab"[i % 2]} for i in range(6)
     ]
@@ -231,8 +237,7 @@ def test_inspect_mola_with_uneven_experts(tmp_path):
 @pytest.mark.parametrize("router", ["xlora", "mola"])
 def test_left_padded_batch_generates_like_single_prompts(router, tmp_path):
     loaded = load_model(str(save_tiny_model(tmp_path / "tiny")))
-    config = RouterConfig(target_modules=["q_proj", "v_proj"], **settings(router, tmp_path))
-    built = build_mixture(loaded.model, config)
+    built = build(loaded.model, **targeted(router, tmp_path, ["q_proj", "v_proj"]))
     with torch.no_grad():
         for layer in built.layers.values():
             layer.lora_B.normal_(std=0.3)

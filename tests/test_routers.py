@@ -11,7 +11,8 @@ from conftest import tiny_llama
 from rankwise.adapters import LoraConfig, inject_adapter, save_adapter
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.errors import RankwiseError
-from rankwise.routers import RouterConfig, base, build_mixture
+from rankwise.mixture import build_mixture, router_options
+from rankwise.routers import base
 from rankwise.routers.base import routed_sum
 from rankwise.routers.mola import pattern_counts
 from rankwise.routers.radargate import rotate, rotation_matrix
@@ -19,9 +20,8 @@ from rankwise.routers.radargate import rotate, rotation_matrix
 
 def mixture(router: str, **settings):
     model = tiny_llama(layers=4)
-    config = RouterConfig(router=router, target_modules=["q_proj", "v_proj"], **settings)
     torch.manual_seed(0)
-    built = build_mixture(model, config)
+    built = build_mixture(model, router, {"target_modules": ["q_proj", "v_proj"], **settings})
     for layer in built.layers.values():  # B != 0 so every expert's output matters
         torch.nn.init.normal_(layer.lora_B, std=0.1)
     return model, built
@@ -113,7 +113,7 @@ def test_grouped_dispatch_only_where_much_rank_work_is_skipped():
 
 
 def test_smora_sigmoid_gates_bias_and_balancing(tokens):
-    model, built = mixture("smora", r=16, top_k=4, bias_rate=0.01)
+    model, built = mixture("smora", rank=16, top_k=4, bias_rate=0.01)
     model.train()
     run(model, tokens)
     for name, router in built.routers.items():
@@ -139,7 +139,7 @@ def test_smora_sigmoid_gates_bias_and_balancing(tokens):
 
 def test_smora_active_ranks_scale_as_a_lora_of_rank_k():
     """The k chosen ranks weigh alpha * normalised gate (official code: k ĝ times alpha / k)."""
-    model, built = mixture("smora", r=16, top_k=4, lora_alpha=8.0)
+    model, built = mixture("smora", rank=16, top_k=4, lora_alpha=8.0)
     layer = built.layers["model.layers.0.self_attn.q_proj"]
     router = layer.policy
     x = torch.randn(5, layer.base.in_features)
@@ -153,7 +153,7 @@ def test_smora_active_ranks_scale_as_a_lora_of_rank_k():
 
 
 def test_flylora_frozen_sparse_a_and_zero_grad_for_unselected_b(tokens):
-    model, built = mixture("flylora", r=16, top_k=4)
+    model, built = mixture("flylora", rank=16, top_k=4)
     model.train()
     layer = built.layers["model.layers.0.self_attn.v_proj"]  # q has no effect on one token
     router = layer.policy
@@ -245,9 +245,9 @@ def test_radargate_inference_keeps_derived_factors_until_they_change(write):
 @pytest.mark.parametrize("router", ["flylora", "radargate"])
 def test_training_after_inference_mode_uses_fresh_or_normal_kept_tensors(router, tokens):
     """What routers keep between inference forwards never breaks a later training step."""
-    settings = {"r": 8, "top_k": 2} if router == "flylora" else {"num_experts": 3}
+    settings = {"rank": 8, "top_k": 2} if router == "flylora" else {"num_experts": 3}
     model = tiny_llama(layers=2).to(torch.bfloat16)  # kept casts of the fp32 factors
-    built = build_mixture(model, RouterConfig(router, target_modules=["q_proj"], **settings))
+    built = build_mixture(model, router, {"target_modules": ["q_proj"], **settings})
     with torch.inference_mode():
         before = run(model, tokens)
     model.train()
@@ -278,11 +278,10 @@ def test_xlora_trains_only_classifier_and_top_k_runs_only_chosen(monkeypatch, tm
     folders = saved_adapters(tmp_path, 3, std=0.1, layers=4)
     model = tiny_llama(layers=4)
     base_logits = model(tokens).logits
-    config = RouterConfig(router="xlora", adapters=folders, top_k=1, layerwise=True)
-    built = build_mixture(model, config)
+    built = build_mixture(model, "xlora", {"adapters": folders, "top_k": 1, "layerwise": True})
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == set()  # the classifier lives in the head, outside the model
-    assert {id(p) for p in built.trainable()} == {id(p) for p in built.head.parameters()}
+    assert {id(p) for p in built.parameters()} == {id(p) for p in built.head.parameters()}
     out = model(tokens).logits
     assert not torch.allclose(out, base_logits)
     for router in built.routers.values():
@@ -306,11 +305,11 @@ def test_xlora_trains_only_classifier_and_top_k_runs_only_chosen(monkeypatch, tm
 
 def test_config_errors():
     with pytest.raises(RankwiseError, match="unknown router"):
-        RouterConfig(router="nope")
+        router_options("nope")
     with pytest.raises(RankwiseError, match="adapters"):
-        RouterConfig(router="xlora")
+        router_options("xlora")
     with pytest.raises(RankwiseError, match="top_k"):
-        RouterConfig(router="smora", r=4, top_k=8)
+        router_options("smora", {"rank": 4, "top_k": 8})
 
 
 def test_xlora_scaling_pass_value_changes_the_first_pass(tmp_path, tokens):
@@ -319,8 +318,7 @@ def test_xlora_scaling_pass_value_changes_the_first_pass(tmp_path, tokens):
     for value in (0.0, 1.0):
         model = tiny_llama()
         torch.manual_seed(0)
-        config = RouterConfig(router="xlora", adapters=folders, scaling_pass_value=value)
-        build_mixture(model, config)
+        build_mixture(model, "xlora", {"adapters": folders, "scaling_pass_value": value})
         logits.append(model(tokens).logits)
     assert (logits[0] - logits[1]).abs().max() > 1e-4
 
@@ -330,8 +328,7 @@ def test_xlora_generation_with_kv_cache_equals_full_recompute(tmp_path, tokens, 
     folders = saved_adapters(tmp_path, 2, std=0.3)
     model = tiny_llama()
     torch.manual_seed(0)
-    config = RouterConfig(router="xlora", adapters=folders, scaling_pass_value=pass_value)
-    build_mixture(model, config)
+    build_mixture(model, "xlora", {"adapters": folders, "scaling_pass_value": pass_value})
     runs = [
         model.generate(
             tokens[:, :5],
@@ -352,8 +349,8 @@ def test_xlora_generation_with_kv_cache_equals_full_recompute(tmp_path, tokens, 
 @pytest.mark.parametrize("scheme", ["gaussian", "init_b"])
 def test_rank_experts_initialise_as_one_lora_of_rank_r(scheme):
     """SMoRA's R rank-1 experts start like one rank-R LoRA: A ~ N(0, 1/R^2), B's fan-in R."""
-    config = RouterConfig(router="smora", r=16, top_k=4, init=scheme, target_modules=["q_proj"])
-    layer = build_mixture(tiny_llama(), config).layers["model.layers.0.self_attn.q_proj"]
+    settings = {"rank": 16, "top_k": 4, "init": scheme, "target_modules": ["q_proj"]}
+    layer = build_mixture(tiny_llama(), "smora", settings).layers["model.layers.0.self_attn.q_proj"]
     if scheme == "gaussian":
         assert abs(layer.lora_A.std().item() - 1 / 16) < 0.01
     else:  # Kaiming-uniform with a = sqrt(5) over fan-in R: bound 1 / sqrt(R)

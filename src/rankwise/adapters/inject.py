@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -16,34 +16,50 @@ from rankwise.adapters.init import INIT_SCHEMES
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.architectures import is_linear
 from rankwise.errors import RankwiseError
+from rankwise.options import Options, flagless, option
 
 ALL_LINEAR = "all-linear"
 
 
+def parse_targets(text: str) -> list[str] | str:
+    """``--target-modules``: ``all-linear``, or module names separated by commas (one name is a
+    list of one, never a regex; a regex is given as a YAML string)."""
+    return ALL_LINEAR if text == ALL_LINEAR else [name for name in text.split(",") if name]
+
+
+def target_option() -> list[str] | str:
+    """The ``target_modules`` setting, declared once for adapters and mixtures."""
+    return option(
+        ALL_LINEAR,
+        "modules to adapt: all-linear (every linear layer but the output head), names (matched "
+        "as the name or its dotted suffix) or, in YAML, one regex matched against whole names",
+        parse=parse_targets,
+    )
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(Options):
     """A plain LoRA adapter's settings, named as in PEFT's ``LoraConfig``."""
 
-    r: int = 16  # rank of every adapted module unless rank_pattern says otherwise
-    lora_alpha: float = 32.0  # scaling numerator: s = alpha / r (or alpha / sqrt(r) with rsLoRA)
-    # module names (matched as the name or a dotted suffix of it), one regex matched against the
-    # whole name, or "all-linear" (every linear layer except the output head)
-    target_modules: list[str] | str = ALL_LINEAR
-    lora_dropout: float = 0.0  # dropout on the adapter's input, training only
-    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732)
-    init: str = "init_a"  # init scheme name: init_a (default), init_b, gaussian
-    rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name pattern -> rank
-    alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name pattern -> alpha
+    r: int = option(
+        16, "LoRA rank of every adapted module (rank_pattern may differ)", within="[1, inf)"
+    )
+    lora_alpha: float = option(
+        32.0, "scaling numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)"
+    )
+    target_modules: list[str] | str = target_option()
+    lora_dropout: float = option(
+        0.0, "dropout on the adapter's input, training only", within="[0, 1)"
+    )
+    use_rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732)")
+    init: str = option("init_a", "how the factors start (B A = 0 for all)", choices=INIT_SCHEMES)
+    rank_pattern: dict[str, int] = flagless({}, "module-name pattern -> rank (YAML only)")
+    alpha_pattern: dict[str, float] = flagless({}, "module-name pattern -> alpha (YAML only)")
 
-    def __post_init__(self) -> None:
-        if self.r < 1 or any(r < 1 for r in self.rank_pattern.values()):
-            raise RankwiseError("LoRA rank must be a positive integer")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise RankwiseError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.init not in INIT_SCHEMES:
-            raise RankwiseError(
-                f"unknown init '{self.init}': choose one of {', '.join(sorted(INIT_SCHEMES))}"
-            )
+    def check(self) -> None:
+        super().check()
+        if any(r < 1 for r in self.rank_pattern.values()):
+            raise RankwiseError("LoRA ranks in rank_pattern must be positive integers")
 
     def expert_for(self, module_name: str) -> ExpertSpec:
         """The expert spec for one module, with rank and alpha patterns applied."""
@@ -148,9 +164,14 @@ def expert_layers(model: nn.Module) -> dict[str, LowRankExperts]:
 
 
 def remove_experts(model: nn.Module) -> dict[str, LowRankExperts]:
-    """Put the original linear layers back (unmerging first); returns the removed layers."""
+    """Put the original linear layers back (unmerging first); returns the removed layers.
+
+    Each layer's policy releases what it attached elsewhere (X-LoRA's hook on the decoder), so
+    the model is the bare base model again.
+    """
     removed = expert_layers(model)
     for name, layer in removed.items():
+        layer.policy.release()
         if layer.merged:
             layer.unmerge()
         parent_name, _, child = name.rpartition(".")

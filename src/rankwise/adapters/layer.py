@@ -57,7 +57,7 @@ class LowRankExperts(nn.Module):
     """
 
     def __init__(
-        self, base: nn.Linear, experts: Sequence[ExpertSpec], policy: nn.Module | None = None
+        self, base: nn.Module, experts: Sequence[ExpertSpec], policy: Policy | None = None
     ):
         super().__init__()
         if not experts:
@@ -215,7 +215,23 @@ class LowRankExperts(nn.Module):
         )
 
 
-class WeightedSum(nn.Module):
+class Policy(nn.Module):
+    """How a ``LowRankExperts`` layer combines its experts: ``policy(layer, x, gates, y)``.
+
+    Returns y (the base output) plus the low-rank term. ``release`` undoes whatever the policy
+    attached outside its layer (a hook on the model, say) when the experts are removed.
+    """
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def release(self) -> None:
+        """Remove what the policy added outside its layer (nothing by default)."""
+
+
+class WeightedSum(Policy):
     """The default policy: y + sum_e g_e s_e B_e A_e x with gates applied in rank space.
 
     The second product is added to the base output in one ``addmm``, which saves a pass over

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from rankwise.adapters.inject import (
 )
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.architectures import linear_shape
+from rankwise.atomic import atomic_file
 from rankwise.errors import RankwiseError
 
 CONFIG_FILE = "adapter_config.json"
@@ -164,22 +164,10 @@ def write_adapter(weights: LoraWeights, path: str | os.PathLike) -> Path:
     for module, (a, b) in weights.factors.items():
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b.detach().contiguous().cpu()
-    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    atomic_file(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
     text = json.dumps(peft_config(weights), indent=2, sort_keys=True)
-    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    atomic_file(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text))
     return folder
-
-
-def atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``target``, then rename it over."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def peft_config(weights: LoraWeights) -> dict:

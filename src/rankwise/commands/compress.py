@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from rankwise.commands.options import add_model_options
 from rankwise.compress import METHODS, compress, save_compressed
 from rankwise.compress.a3 import COMPONENTS
 from rankwise.compress.calibration import DEFAULT_DATA
 from rankwise.compress.storage import check_output_folder
-from rankwise.models import load_model
+from rankwise.models import ModelOptions
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "compress", help="compress the base model's linear layers (svd, asvd, svd-llm, a3)"
     )
-    add_model_options(parser)
+    ModelOptions.add_flags(parser)
     parser.add_argument("--method", required=True, choices=list(METHODS), help="compression method")
     parser.add_argument(
         "--ratio",
@@ -55,7 +54,7 @@ def ratios(text: str) -> float | list[float]:
 
 def run(args: argparse.Namespace) -> None:
     check_output_folder(args.output)  # before minutes of calibration, not after
-    loaded = load_model(args.model, args.dtype)
+    loaded = ModelOptions.from_args(args).load()
     options = {
         key: value
         for key, value in (

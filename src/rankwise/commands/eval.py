@@ -4,44 +4,58 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from rankwise.commands.options import add_adapted_model_options, load_adapted_model
+from rankwise.commands.options import AdaptedModelOptions, add_options, parse_options
 from rankwise.data import load_dataset_spec
 from rankwise.errors import RankwiseError
 from rankwise.evaluate.accuracy import exact_match
 from rankwise.evaluate.perplexity import perplexity
+from rankwise.options import option
+
+POSITIVE = "[1, inf)"
+
+
+@dataclass
+class EvalOptions(AdaptedModelOptions):
+    """``rankwise eval``: the data, the split and how perplexity and exact match are taken."""
+
+    data: str = option("", "a path, task:NAME[,NAME...], task:all or corpus:python-docs")
+    split: str = option("test", "split of a built-in source")
+    examples: int = option(100, "test examples per task", within=POSITIVE)
+    window: int = option(512, "perplexity window (tokens)", within=POSITIVE)
+    stride: int = option(256, "perplexity stride (tokens)", within=POSITIVE)
+    max_tokens: int | None = option(None, "cap on the tokens perplexity reads", within=POSITIVE)
+    batch_size: int = option(16, "prompts per generation batch", within=POSITIVE)
+    max_new_tokens: int = option(32, "tokens generated per answer", within=POSITIVE)
+    json: str | None = option(None, "also write the results to this JSON file")
+
+    def check(self) -> None:
+        super().check()
+        if not self.data:
+            raise RankwiseError("give the data to evaluate on: --data PATH or task:NAME")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="perplexity on text, exact match on task data")
-    add_adapted_model_options(parser)
-    parser.add_argument(
-        "--data", required=True, help="a path, task:NAME[,NAME...] / task:all, corpus:python-docs"
-    )
-    parser.add_argument("--split", default="test", help="split of a built-in source")
-    parser.add_argument("--examples", type=int, default=100, help="test examples per task")
-    parser.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
-    parser.add_argument("--stride", type=int, default=256, help="perplexity stride (tokens)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="cap on perplexity tokens")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_options(parser, EvalOptions)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    records = load_dataset_spec(args.data, split=args.split, n=args.examples).records
-    loaded = load_adapted_model(args)
+    options = parse_options(args)
+    records = load_dataset_spec(options.data, split=options.split, n=options.examples).records
     texts = [r["text"] for r in records if "text" in r]
     prompted = [r for r in records if "prompt" in r]
     if not texts and not prompted:
-        raise RankwiseError(f"'{args.data}' has neither text nor prompt/completion records")
+        raise RankwiseError(f"'{options.data}' has neither text nor prompt/completion records")
+    loaded = options.load()
     results: dict = {
         "model": loaded.name,
-        "adapter": args.adapter,
-        "mixture": args.mixture,
-        "data": args.data,
+        "adapter": options.adapter,
+        "mixture": options.mixture,
+        "data": options.data,
     }
     rows = []
     if texts:
@@ -49,16 +63,16 @@ def run(args: argparse.Namespace) -> None:
             loaded.model,
             loaded.tokenizer,
             texts,
-            window=args.window,
-            stride=args.stride,
-            batch_size=max(1, args.batch_size // 4),
-            max_tokens=args.max_tokens,
+            window=options.window,
+            stride=options.stride,
+            batch_size=max(1, options.batch_size // 4),
+            max_tokens=options.max_tokens,
         )
         results["perplexity"] = ppl
         rows.append(("perplexity", f"{ppl:.3f}", f"{len(texts)} texts"))
     if prompted:
         tallies = exact_match(
-            loaded.model, loaded.tokenizer, prompted, args.batch_size, args.max_new_tokens
+            loaded.model, loaded.tokenizer, prompted, options.batch_size, options.max_new_tokens
         )
         results["exact_match"] = tallies
         for task, tally in tallies.items():
@@ -72,5 +86,5 @@ def run(args: argparse.Namespace) -> None:
     width = max(len(r[0]) for r in rows)
     for name, value, detail in rows:
         print(f"{name:<{width}}  {value:>8}  {detail}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if options.json:
+        Path(options.json).write_text(json.dumps(results, indent=2))

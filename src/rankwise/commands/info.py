@@ -6,29 +6,30 @@ import argparse
 from collections import defaultdict
 
 from rankwise.adapters.inject import adaptable_modules, count_parameters
-from rankwise.commands.options import add_model_options
-from rankwise.models import load_model
+from rankwise.architectures import linear_shape
+from rankwise.commands.options import add_options, parse_options
+from rankwise.models import ModelOptions
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("info", help="describe a model and its adaptable modules")
-    add_model_options(parser)
+    add_options(parser, ModelOptions)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    loaded = load_model(args.model, args.dtype)
+    loaded = parse_options(args).load()
     model = loaded.model
     _, total = count_parameters(model)
     config = model.config
     print(f"model:       {loaded.name} ({config.model_type}, {type(model).__name__})")
     print(f"parameters:  {total:,}")
-    print(f"dtype:       {next(model.parameters()).dtype}")
+    print(f"dtype:       {next(model.parameters()).dtype} on {loaded.device}")
     print(f"layers:      {config.num_hidden_layers}, hidden size {config.hidden_size}")
     groups: dict[tuple[str, int, int], int] = defaultdict(int)
     for name, linear in adaptable_modules(model).items():
         kind = name.rpartition(".")[2]
-        groups[kind, linear.in_features, linear.out_features] += 1
+        groups[kind, *linear_shape(linear)] += 1
     print("adaptable linear modules (target_modules names):")
     for (kind, fan_in, fan_out), count in groups.items():
         print(f"  {kind:<12} x{count:<4} in {fan_in:>6} -> out {fan_out:<6}")

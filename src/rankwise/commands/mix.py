@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from rankwise.commands.options import add_model_options
+from rankwise.commands.options import add_options, parse_options
+from rankwise.commands.train import report
 from rankwise.data import load_dataset_spec
-from rankwise.mixture import MixConfig, train_mixture
+from rankwise.mixture import MixConfig, load_mixture, train_mixture
 from rankwise.mixture.inspect import inspect_mixture, plot_angles, plot_gates
-from rankwise.models import load_model
-from rankwise.routers import ROUTERS, load_mixture
-from rankwise.train.config import add_config_flags, config_from_args
+from rankwise.models import ModelOptions
+from rankwise.options import option
+from rankwise.routers import ROUTERS
+
+
+@dataclass
+class InspectOptions(ModelOptions):
+    """``rankwise mix inspect``: which mixture, on which records, drawn where."""
+
+    mixture: str = option("", "a mixture folder written by `rankwise mix train`")
+    data: str = option("task:all", "records with a task tag to split the gates by")
+    split: str = option("validation", "split of a built-in source")
+    examples: int = option(16, "examples per task", within="[1, inf)")
+    batch_size: int = option(8, "examples per forward", within="[1, inf)")
+    output: str | None = option(None, "folder for the PNGs (unset: MIXTURE/inspect)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,40 +34,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     verbs = parser.add_subparsers(dest="mix_command", required=True, metavar="VERB")
     train = verbs.add_parser(
         "train",
-        help=f"train a mixture (router: {', '.join(sorted(ROUTERS))})",
-        description="Train a mixture. Every YAML key is also a flag: --router smora etc.",
+        help=f"train a mixture (router: {', '.join(ROUTERS)})",
+        description="Train a mixture of LoRA experts. Every YAML key is also a flag; "
+        f"--router picks one of {', '.join(ROUTERS)}, and each router takes its own settings "
+        "(a setting of another router is an error).",
     )
-    train.add_argument("config", nargs="?", default=None, help="YAML file of mixture settings")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    add_config_flags(train, MixConfig)
+    add_options(train, MixConfig, positional_config=True)
     train.set_defaults(func=run_train)
     inspect = verbs.add_parser("inspect", help="gate heatmaps per task and layer (PNG)")
     inspect.add_argument("mixture", help="a mixture folder written by `rankwise mix train`")
-    add_model_options(inspect)
-    inspect.add_argument("--data", default="task:all", help="records with a task tag to split by")
-    inspect.add_argument("--split", default="validation", help="split of a built-in source")
-    inspect.add_argument("--examples", type=int, default=16, help="examples per task")
-    inspect.add_argument("--batch-size", type=int, default=8)
-    inspect.add_argument("--output", default=None, help="folder for PNGs (default MIXTURE/inspect)")
+    add_options(inspect, InspectOptions)
     inspect.set_defaults(func=run_inspect)
 
 
 def run_train(args: argparse.Namespace) -> None:
-    result = train_mixture(config_from_args(args, MixConfig), resume=args.resume)
-    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(
-        f"trained {result.steps} steps in {result.seconds:.0f}s "
-        f"({result.tokens_per_second:.0f} tokens/s): loss {result.final_loss:.4f}{val}; "
-        f"mixture written to {result.adapter_dir}"
-    )
+    report(train_mixture(parse_options(args), resume=args.resume), "mixture")
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    loaded = load_model(args.model, args.dtype)
-    mixture = load_mixture(loaded.model, args.mixture)
-    records = load_dataset_spec(args.data, split=args.split, n=args.examples).records
-    report = inspect_mixture(loaded.model, loaded.tokenizer, mixture, records, args.batch_size)
-    folder = Path(args.output or Path(args.mixture) / "inspect")
+    options = parse_options(args)
+    loaded = options.load()
+    mixture = load_mixture(loaded.model, options.mixture)
+    records = load_dataset_spec(options.data, split=options.split, n=options.examples).records
+    report = inspect_mixture(loaded.model, loaded.tokenizer, mixture, records, options.batch_size)
+    folder = Path(options.output or Path(options.mixture) / "inspect")
     for path in plot_gates(report, folder):
         print(f"wrote {path}")
     for task, (expert, times, layers) in report.favourites().items():

@@ -16,9 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rankwise.commands.options import add_model_options
 from rankwise.errors import RankwiseError
-from rankwise.models import load_model
+from rankwise.models import ModelOptions
 from rankwise.serve.engine import Engine, EngineConfig
 
 DEFAULT_RANK = 16  # --max-rank when DIR holds no adapter yet
@@ -52,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="folder whose sub-folders are PEFT adapters, served by folder name",
     )
-    add_model_options(parser)
+    ModelOptions.add_flags(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     parser.add_argument(
@@ -131,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
     sock = listen(args.host, args.port)  # before the slow model load, so a busy port fails fast
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, args.dtype)
+    loaded = ModelOptions.from_args(args).load()
     config = EngineConfig(
         max_batch=args.max_batch,
         max_queued=args.max_queued,

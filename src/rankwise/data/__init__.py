@@ -6,8 +6,11 @@ from rankwise.data.formatting import (
     collate,
     encode_example,
     encode_prompt,
+    eos_id,
     format_prompt,
     pack_texts,
+    pack_tokens,
+    tokenize_texts,
 )
 from rankwise.data.readers import DataError, Records, read_records, record_problem
 from rankwise.data.sources import load_dataset_spec
@@ -24,12 +27,15 @@ __all__ = [
     "collate",
     "encode_example",
     "encode_prompt",
+    "eos_id",
     "format_prompt",
     "get_task",
     "load_dataset_spec",
     "mixed",
     "pack_texts",
+    "pack_tokens",
     "python_docs",
     "read_records",
     "record_problem",
+    "tokenize_texts",
 ]

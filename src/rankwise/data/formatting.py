@@ -53,12 +53,12 @@ def encode_example(
         input_ids, labels = _encode_messages(messages, tokenizer)
     elif "prompt" in record:
         prompt_ids = encode_prompt(record["prompt"], tokenizer)
-        answer_ids = _tokenize(record["completion"], tokenizer) + [_eos_id(tokenizer)]
+        answer_ids = _tokenize(record["completion"], tokenizer) + [eos_id(tokenizer)]
         input_ids = prompt_ids + answer_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     else:
         input_ids = _tokenize(record["text"], tokenizer, add_special_tokens=True)
-        input_ids.append(_eos_id(tokenizer))
+        input_ids.append(eos_id(tokenizer))
         labels = list(input_ids)
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
@@ -67,9 +67,18 @@ def pack_texts(
     texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, block_size: int
 ) -> list[list[int]]:
     """Tokenise, join with EOS, cut into full blocks (tail dropped); a block is its own labels."""
-    eos = _eos_id(tokenizer)
+    return pack_tokens(tokenize_texts(texts, tokenizer), eos_id(tokenizer), block_size)
+
+
+def tokenize_texts(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Each text's token ids, without special tokens (what ``pack_tokens`` joins)."""
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def pack_tokens(pieces: Iterable[list[int]], eos: int, block_size: int) -> list[list[int]]:
+    """Join token lists with ``eos`` after each and cut the stream into full blocks."""
     stream: list[int] = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+    for ids in pieces:
         stream.extend(ids)
         stream.append(eos)
     if len(stream) < block_size:
@@ -143,7 +152,7 @@ def _tokenize(
     return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
         raise RankwiseError("The tokenizer has no end-of-sequence token to end examples with.")
     return tokenizer.eos_token_id

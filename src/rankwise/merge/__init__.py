@@ -10,7 +10,7 @@ from rankwise.merge import linear, ties, dare, lego  # noqa: F401
 # isort: on
 from rankwise.merge.api import MergeReport, MergeResult, merge_adapters
 from rankwise.merge.base import METHODS, Contribution, MergeMethod, MergeOptions, ModuleMerge
-from rankwise.merge.config import MergeConfig, load_config, run_merge
+from rankwise.merge.config import MergeConfig, run_merge
 
 __all__ = [
     "METHODS",
@@ -21,7 +21,6 @@ __all__ = [
     "MergeReport",
     "MergeResult",
     "ModuleMerge",
-    "load_config",
     "merge_adapters",
     "run_merge",
 ]

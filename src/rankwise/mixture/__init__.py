@@ -1,5 +1,26 @@
-"""Training and inspecting mixtures of LoRA experts (the routers live in ``rankwise.routers``)."""
+"""Mixtures of LoRA experts on a model: building, saving, loading, training and inspecting.
 
-from rankwise.mixture.train import MixConfig, train_mixture
+The gate policies themselves (one per paper) live in ``rankwise.routers``.
+"""
 
-__all__ = ["MixConfig", "train_mixture"]
+from rankwise.mixture.mixture import (
+    Mixture,
+    build_mixture,
+    load_mixture,
+    read_mixture_config,
+    router_options,
+    save_mixture,
+)
+from rankwise.mixture.train import MixConfig, mix_config, train_mixture
+
+__all__ = [
+    "MixConfig",
+    "Mixture",
+    "build_mixture",
+    "load_mixture",
+    "mix_config",
+    "read_mixture_config",
+    "router_options",
+    "save_mixture",
+    "train_mixture",
+]

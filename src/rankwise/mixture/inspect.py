@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from transformers import PreTrainedTokenizerBase  # noqa: E402
 
 from rankwise.data import collate, encode_example  # noqa: E402
-from rankwise.routers import Mixture  # noqa: E402
+from rankwise.mixture.mixture import Mixture  # noqa: E402
 from rankwise.routers.radargate import RadarGate, pair_angles  # noqa: E402
 
 

@@ -1,20 +1,18 @@
-"""Routers over low-rank experts (xlora, mola, smora, flylora, radargate) and mixture IO."""
+"""Gate policies over low-rank experts, one file per paper, registered by name in ``ROUTERS``.
 
-from rankwise.routers import flylora, mola, radargate, smora, xlora
-from rankwise.routers.base import ROUTERS, Router, RouterConfig
-from rankwise.routers.mixture import Mixture, build_mixture, load_mixture, save_mixture
+The mixtures they drive (building, training, saving, inspecting) live in ``rankwise.mixture``.
+"""
 
-__all__ = [
-    "ROUTERS",
-    "Mixture",
-    "Router",
-    "RouterConfig",
-    "build_mixture",
-    "flylora",
-    "load_mixture",
-    "mola",
-    "radargate",
-    "save_mixture",
-    "smora",
-    "xlora",
-]
+from rankwise.routers.base import ExpertOptions, Router
+from rankwise.routers.flylora import FlyLoRA
+from rankwise.routers.mola import MoLA
+from rankwise.routers.radargate import RadarGate
+from rankwise.routers.smora import SMoRA
+from rankwise.routers.xlora import XLoRA
+
+# The one place a router is registered; this order is the order users see.
+ROUTERS: dict[str, type[Router]] = {
+    cls.name: cls for cls in (MoLA, SMoRA, FlyLoRA, RadarGate, XLoRA)
+}
+
+__all__ = ["ROUTERS", "ExpertOptions", "Router"]

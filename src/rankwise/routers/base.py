@@ -1,4 +1,4 @@
-"""What every router shares: its settings, the base policy class, the registry and gate maths.
+"""What every router shares: common settings, the base policy class and the gate maths.
 
 A router is a policy of ``LowRankExperts``: the layer calls ``policy(layer, x, gates, y)`` with
 x in the base's dtype and the base output y, and the router returns y plus the low-rank term
@@ -10,55 +10,36 @@ Routers keep their last gates (``last_gates``, detached, [..., E]) so that
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from rankwise.adapters.inject import select_targets
-from rankwise.adapters.layer import ExpertSpec, LowRankExperts
-from rankwise.errors import RankwiseError
+from rankwise.adapters.init import INIT_SCHEMES
+from rankwise.adapters.inject import select_targets, target_option
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts, Policy
+from rankwise.options import Options, option
 
 
 @dataclass
-class RouterConfig:
-    """A mixture's settings; the same names are keys of ``rankwise mix train`` configs."""
+class ExpertOptions(Options):
+    """What every router with fresh experts shares: where they go and how they start."""
 
-    router: str = "mola"  # xlora, mola, smora, flylora or radargate
-    r: int = 8  # rank of each expert (mola, radargate); total rank R (smora, flylora)
-    lora_alpha: float = 16.0  # scaling alpha / r (smora: alpha / top_k; flylora: alpha / R)
-    target_modules: list[str] | str = "all-linear"  # modules that get experts
-    init: str = "init_a"  # init scheme of fresh experts
-    num_experts: int = 4  # experts per module (mola when expert_pattern is empty, radargate)
-    expert_pattern: str = ""  # mola: counts over equal depth groups, e.g. "2,4,6,8"
-    top_k: int = 2  # experts (ranks) used per token; 0 means all (dense, xlora)
-    aux_coef: float = 0.0  # mola: Switch load-balancing loss weight (the paper uses 0.001)
-    bias_rate: float = 1e-3  # smora, flylora: step of the balancing bias after each step
-    adapters: list[str] = field(default_factory=list)  # xlora: PEFT adapter folders (experts)
-    layerwise: bool = False  # xlora: separate scalings for every adapted module
-    classifier_depth: int = 1  # xlora: linear layers of the classifier (1: one linear map)
-    classifier_hidden: int = 64  # xlora: width of the classifier's hidden layers
-    temperature: float = 1.0  # xlora: softmax temperature of the scalings
-    scaling_pass_value: float = 0.0  # xlora: constant scaling of adapters in the first pass
-
-    def __post_init__(self) -> None:
-        self.expert_pattern = str(self.expert_pattern)  # YAML reads a single count as an int
-        if self.router not in ROUTERS:
-            raise RankwiseError(
-                f"unknown router '{self.router}': choose one of {', '.join(sorted(ROUTERS))}"
-            )
-        if self.r < 1 or self.num_experts < 1 or self.top_k < 0 or self.classifier_depth < 1:
-            raise RankwiseError("r, num_experts and classifier_depth must be >= 1, top_k >= 0")
-        if self.temperature <= 0:
-            raise RankwiseError("temperature must be positive")
-        ROUTERS[self.router].check(self)
+    target_modules: list[str] | str = target_option()
+    init: str = option("init_a", "init scheme of the fresh experts", choices=INIT_SCHEMES)
+    lora_alpha: float = option(16.0, "scaling numerator of the experts (each router says how)")
 
 
-class Router(nn.Module):
-    """A gate policy over one layer's experts; subclasses implement ``forward``."""
+class Router(Policy):
+    """A gate policy over one layer's experts; subclasses implement ``forward``.
+
+    A router class names its settings class (``options``); its instances are built per layer
+    as ``Router(layer, options, index)``.
+    """
 
     name: ClassVar[str]
+    options: ClassVar[type[Options]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -116,27 +97,19 @@ class Router(nn.Module):
         return kept[1]
 
     @classmethod
-    def check(cls, config: RouterConfig) -> None:
-        """Raise a ``RankwiseError`` if ``config`` does not suit this router."""
-
-    @classmethod
-    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
-        """The experts of every targeted module (fresh ones: the default is E of rank r)."""
-        spec = ExpertSpec(config.r, config.lora_alpha, init=config.init)
-        return {
-            name: [spec] * config.num_experts
-            for name in select_targets(model, config.target_modules)
-        }
+    def layer_specs(cls, model: nn.Module, options: Options) -> dict[str, list[ExpertSpec]]:
+        """The experts of every module the mixture adapts."""
+        raise NotImplementedError(f"{cls.__name__} does not say which experts it holds")
 
     @classmethod
     def initialise(
-        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig
+        cls, model: nn.Module, layers: dict[str, LowRankExperts], options: Options
     ) -> None:
         """Fill the experts' factors of a fresh mixture (they are random already by default)."""
 
     @classmethod
     def head(
-        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig
+        cls, model: nn.Module, layers: dict[str, LowRankExperts], options: Options
     ) -> nn.Module:
         """A model-level module the router needs (X-LoRA's classifier); none by default."""
         return nn.Module()
@@ -144,11 +117,6 @@ class Router(nn.Module):
     def trainable(self, layer: LowRankExperts) -> list[nn.Parameter]:
         """Parameters trained for this layer: both factors and the router's own by default."""
         return [layer.lora_A, layer.lora_B, *self.parameters()]
-
-    def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
-    ) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
 
     @classmethod
     def aux_loss(cls, routers: dict[str, Router]) -> torch.Tensor:
@@ -164,7 +132,6 @@ class Router(nn.Module):
         """Bookkeeping after each optimizer step (none by default)."""
 
 
-ROUTERS: dict[str, type[Router]] = {}
 # Grouped dispatch pays for gathering each expert's tokens and scattering its outputs back, and
 # for a few operations per expert, only when there are many tokens and every chosen expert saves
 # much rank work; elsewhere the dense masked product is faster (bench/routing.py, 2-core CPU:
@@ -173,10 +140,12 @@ GROUPED_MIN_SKIPPED_RANKS = 128  # (E - k) r / k
 GROUPED_MIN_TOKENS = 1024
 
 
-def register(cls: type[Router]) -> type[Router]:
-    """Register a router class under its ``name``."""
-    ROUTERS[cls.name] = cls
-    return cls
+def equal_experts(
+    model: nn.Module, options: ExpertOptions, rank: int, count: int
+) -> dict[str, list[ExpertSpec]]:
+    """``count`` fresh experts of rank ``rank`` in every targeted module."""
+    spec = ExpertSpec(rank, options.lora_alpha, init=options.init)
+    return {name: [spec] * count for name in select_targets(model, options.target_modules)}
 
 
 def top_k_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,12 +10,14 @@ evaluation included).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from torch import nn
 
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
-from rankwise.routers.base import RouterConfig, register
-from rankwise.routers.smora import BalancedRanks, rank_experts
+from rankwise.routers.base import equal_experts
+from rankwise.routers.smora import BalancedRanks, RankOptions
 
 
 def sparse_projection(
@@ -31,22 +33,28 @@ def sparse_projection(
     return torch.randn(rows, cols, generator=generator) / rows * mask
 
 
-@register
+@dataclass
+class FlyLoRAOptions(RankOptions):
+    """FlyLoRA's settings (lora_alpha: scaling alpha / rank, as the official code)."""
+
+
 class FlyLoRA(BalancedRanks):
     """Top-k of A x (+ bias) picks the ranks; B is trained, A stays frozen."""
 
     name = "flylora"
+    options = FlyLoRAOptions
 
     @classmethod
-    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
-        return rank_experts(model, config, config.lora_alpha / config.r)  # as official code
+    def layer_specs(cls, model: nn.Module, options: RankOptions) -> dict[str, list[ExpertSpec]]:
+        scaled = replace(options, lora_alpha=options.lora_alpha / options.rank)  # as official
+        return equal_experts(model, scaled, 1, options.rank)
 
-    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
-        super().__init__(layer, config, index)
+    def __init__(self, layer: LowRankExperts, options: RankOptions, index: int):
+        super().__init__(layer, options, index)
         generator = torch.Generator().manual_seed(torch.initial_seed() + index)
         with torch.no_grad():
-            a = sparse_projection(*layer.lora_A.shape, config.top_k / config.r, generator)
-            layer.lora_A.copy_(a)
+            a = sparse_projection(*layer.lora_A.shape, options.top_k / options.rank, generator)
+            layer.lora_A.copy_(a)  # drawn on the CPU (reproducible anywhere), copied to the device
 
     def trainable(self, layer: LowRankExperts) -> list[torch.nn.Parameter]:
         return [layer.lora_B]

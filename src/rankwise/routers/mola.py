@@ -12,20 +12,21 @@ decoder block, pooled over the block's routers as in the official code, is weigh
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from rankwise.adapters.inject import select_targets
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
-from rankwise.architectures import block_index
+from rankwise.architectures import block_index, decoder_blocks
 from rankwise.errors import RankwiseError
+from rankwise.options import option
 from rankwise.routers.base import (
+    ExpertOptions,
     Router,
-    RouterConfig,
     dense_gates,
+    equal_experts,
     grouped,
-    register,
     routed_sum,
     top_k_softmax,
 )
@@ -37,35 +38,54 @@ def pattern_counts(pattern: str, num_blocks: int) -> list[int]:
     return [counts[block * len(counts) // num_blocks] for block in range(num_blocks)]
 
 
-@register
+@dataclass
+class MoLAOptions(ExpertOptions):
+    """MoLA's settings: E experts of one rank per module, top-k of a softmax router."""
+
+    expert_rank: int = option(
+        8, "rank of each expert (scaling lora_alpha / expert_rank)", within="[1, inf)"
+    )
+    num_experts: int = option(
+        4, "experts per module (unless expert_pattern is set)", within="[1, inf)"
+    )
+    expert_pattern: str | int = option(
+        "", "experts per module over equal depth groups, low to high, e.g. 2,4,6,8 (MoLA-▽)"
+    )
+    top_k: int = option(2, "experts used per token (0: all)", within="[0, inf)")
+    aux_coef: float = option(
+        0.0, "weight of the Switch load-balancing loss (the paper uses 0.001)", within="[0, inf)"
+    )
+
+    def check(self) -> None:
+        super().check()
+        self.expert_pattern = str(self.expert_pattern)  # YAML reads a single count as an int
+        if self.expert_pattern and not all(
+            c.strip().isdigit() and int(c) > 0 for c in self.expert_pattern.split(",")
+        ):
+            raise RankwiseError("expert_pattern must be positive counts like 2,4,6,8")
+
+
 class MoLA(Router):
     """Softmax router per module, top-k renormalised gates, sparse expert dispatch."""
 
     name = "mola"
+    options = MoLAOptions
 
-    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
+    def __init__(self, layer: LowRankExperts, options: MoLAOptions, index: int):
         super().__init__()
         self.gate = nn.Linear(layer.in_features, layer.num_experts, bias=False)
         self.gate.to(layer.lora_A)
-        self.k = min(config.top_k or layer.num_experts, layer.num_experts)
-        self.aux_coef = config.aux_coef
+        self.k = min(options.top_k or layer.num_experts, layer.num_experts)
+        self.aux_coef = options.aux_coef
         self.last_probs = torch.zeros(0, layer.num_experts)  # (..., E) with grad, for aux_loss
 
     @classmethod
-    def check(cls, config: RouterConfig) -> None:
-        if config.expert_pattern and not all(
-            c.strip().isdigit() and int(c) > 0 for c in config.expert_pattern.split(",")
-        ):
-            raise RankwiseError("expert_pattern must be positive counts like 2,4,6,8")
-
-    @classmethod
-    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
-        spec = ExpertSpec(config.r, config.lora_alpha, init=config.init)
-        names = select_targets(model, config.target_modules)
-        if not config.expert_pattern:
-            return {name: [spec] * config.num_experts for name in names}
-        counts = pattern_counts(config.expert_pattern, model.config.num_hidden_layers)
-        return {name: [spec] * counts[block_index(name)] for name in names}
+    def layer_specs(cls, model: nn.Module, options: MoLAOptions) -> dict[str, list[ExpertSpec]]:
+        specs = equal_experts(model, options, options.expert_rank, options.num_experts)
+        if not options.expert_pattern:
+            return specs
+        counts = pattern_counts(options.expert_pattern, len(decoder_blocks(model)[1]))
+        return {name: experts[:1] * counts[block_index(name)] for name, experts in specs.items()}
 
     def forward(
         self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor

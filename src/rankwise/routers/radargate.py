@@ -15,11 +15,14 @@ f_e, so the whole sum reduces to per-expert coefficients applied in rank space.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from rankwise.adapters.layer import LowRankExperts
-from rankwise.routers.base import Router, RouterConfig, register
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.options import option
+from rankwise.routers.base import ExpertOptions, Router, equal_experts
 
 EPS = 1e-12
 TINY = torch.finfo(torch.float32).tiny  # floor of a squared area, before its rsqrt
@@ -55,13 +58,29 @@ def pair_angles(outputs: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cos).reshape(-1, *cos.shape[-2:]).mean(0)
 
 
-@register
+@dataclass
+class RadarGateOptions(ExpertOptions):
+    """RadarGate's settings: E experts of one rank per module, all of them used per token."""
+
+    expert_rank: int = option(
+        8, "rank of each expert (scaling lora_alpha / expert_rank)", within="[1, inf)"
+    )
+    num_experts: int = option(4, "experts per module", within="[1, inf)")
+
+
 class RadarGate(Router):
     """Stretch (softmax) gates and input-dependent rotations of each expert's output."""
 
     name = "radargate"
+    options = RadarGateOptions
 
-    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
+    @classmethod
+    def layer_specs(
+        cls, model: nn.Module, options: RadarGateOptions
+    ) -> dict[str, list[ExpertSpec]]:
+        return equal_experts(model, options, options.expert_rank, options.num_experts)
+
+    def __init__(self, layer: LowRankExperts, options: RadarGateOptions, index: int):
         super().__init__()
         num, width = layer.num_experts, layer.in_features
         self.stretch = nn.Linear(width, num, bias=False).to(layer.lora_A)
@@ -69,7 +88,7 @@ class RadarGate(Router):
         nn.init.zeros_(self.angle.weight)
         nn.init.zeros_(self.angle.bias)
         # Fusion starts as the mean of the other experts' outputs.
-        others = (torch.ones(num, num) - torch.eye(num)) / max(num - 1, 1)
+        others = (torch.ones(num, num) - torch.eye(num)) / max(num - 1, 1)  # on the CPU, then moved
         self.fuse = nn.Parameter(others.to(layer.lora_A))
         # spread[e, q] = s_e where rank q belongs to expert e, else 0: h * spread is the
         # block-diagonal [E, R] of the scaled s_e h_e, and c @ spread spreads per-expert

@@ -12,53 +12,58 @@ balancing of DeepSeek-V3, arXiv 2412.19437).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from rankwise.adapters.init import INIT_SCHEMES
-from rankwise.adapters.inject import select_targets
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.errors import RankwiseError
-from rankwise.routers.base import Router, RouterConfig, dense_gates, register
+from rankwise.options import option
+from rankwise.routers.base import ExpertOptions, Router, dense_gates, equal_experts
 
 
-def rank_experts(
-    model: nn.Module, config: RouterConfig, scaling: float
-) -> dict[str, list[ExpertSpec]]:
-    """R rank-1 experts per targeted module, each with the given scaling (alpha = scaling)."""
-    spec = ExpertSpec(1, scaling, init=config.init)
-    return {name: [spec] * config.r for name in select_targets(model, config.target_modules)}
+@dataclass
+class RankOptions(ExpertOptions):
+    """Settings of routers whose experts are the ranks of one LoRA (SMoRA, FlyLoRA)."""
+
+    rank: int = option(8, "rank R of the one LoRA: its R rank-1 experts", within="[1, inf)")
+    top_k: int = option(2, "ranks active per token (1 <= top_k <= rank)", within="[1, inf)")
+    bias_rate: float = option(
+        1e-3, "step of the balancing bias after each optimizer step", within="[0, inf)"
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.top_k > self.rank:
+            raise RankwiseError(f"needs 1 <= top_k <= rank, got top_k={self.top_k} > {self.rank}")
 
 
-def check_rank_top_k(config: RouterConfig) -> None:
-    """Rank routers need 1 <= top_k <= r."""
-    if not 1 <= config.top_k <= config.r:
-        raise RankwiseError(f"{config.router} needs 1 <= top_k <= r, got top_k={config.top_k}")
+@dataclass
+class SMoRAOptions(RankOptions):
+    """SMoRA's settings (lora_alpha: the k active ranks act as a rank-k LoRA, alpha / k)."""
 
 
 class BalancedRanks(Router):
     """Shared bookkeeping of rank routers: a selection bias nudged toward balanced use."""
 
-    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
+    def __init__(self, layer: LowRankExperts, options: RankOptions, index: int):
         super().__init__()
         rank = layer.lora_A.shape[0]
-        self.k = config.top_k
-        self.rate = config.bias_rate
-        self.register_buffer("bias", torch.zeros(rank, dtype=layer.lora_A.dtype))
-        self.register_buffer("load", torch.zeros(rank), persistent=False)
-
-    @classmethod
-    def check(cls, config: RouterConfig) -> None:
-        check_rank_top_k(config)
+        self.k = options.top_k
+        self.rate = options.bias_rate
+        self.register_buffer("bias", layer.lora_A.new_zeros(rank))
+        self.register_buffer("load", layer.lora_A.new_zeros(rank), persistent=False)
 
     @classmethod
     def initialise(
-        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig
+        cls, model: nn.Module, layers: dict[str, LowRankExperts], options: RankOptions
     ) -> None:
         """Initialise the R rank-1 experts as one rank-R LoRA (fan-ins and scales of rank R)."""
         with torch.no_grad():
             for layer in layers.values():
-                INIT_SCHEMES[config.init](layer.lora_A, layer.lora_B)
+                INIT_SCHEMES[options.init](layer.lora_A, layer.lora_B)
 
     def count(self, chosen: torch.Tensor) -> None:
         """Add the ranks chosen in a training forward to the load of this step."""
@@ -76,19 +81,22 @@ class BalancedRanks(Router):
         self.load.zero_()
 
 
-@register
 class SMoRA(BalancedRanks):
     """Sigmoid gates per rank, top-k by gate + bias, gates renormalised over the chosen ranks."""
 
     name = "smora"
+    options = SMoRAOptions
 
     @classmethod
-    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
-        """Scaling alpha per rank: alpha / k of a rank-k LoRA times k ĝ (mean 1 when chosen)."""
-        return rank_experts(model, config, config.lora_alpha)
+    def layer_specs(cls, model: nn.Module, options: RankOptions) -> dict[str, list[ExpertSpec]]:
+        """Scaling alpha per rank: alpha / k of a rank-k LoRA times k ĝ (mean 1 when chosen).
 
-    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
-        super().__init__(layer, config, index)
+        An ``ExpertSpec`` of rank 1 and alpha a has scaling a, so alpha is stored as is.
+        """
+        return equal_experts(model, options, 1, options.rank)
+
+    def __init__(self, layer: LowRankExperts, options: RankOptions, index: int):
+        super().__init__(layer, options, index)
         self.gate = nn.Linear(layer.in_features, layer.lora_A.shape[0], bias=False)
         self.gate.to(layer.lora_A)
 

@@ -15,23 +15,43 @@ scaling pass is exactly the bare base model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import Cache, DynamicCache
 
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.adapters.peft_format import check_compatible, copy_factors, read_adapter
 from rankwise.errors import RankwiseError
-from rankwise.routers.base import (
-    Router,
-    RouterConfig,
-    dense_gates,
-    register,
-    routed_sum,
-    top_k_softmax,
-)
+from rankwise.options import Options, option
+from rankwise.routers.base import Router, dense_gates, routed_sum, top_k_softmax
+
+
+@dataclass
+class XLoRAOptions(Options):
+    """X-LoRA's settings: the frozen adapters it mixes and the classifier that mixes them."""
+
+    adapters: list[str] = option([], "PEFT adapter folders to mix (the experts, kept frozen)")
+    top_k: int = option(2, "adapters used per token (0: all, dense)", within="[0, inf)")
+    layerwise: bool = option(False, "separate scalings for every adapted module")
+    classifier_depth: int = option(
+        1, "linear layers of the classifier (1: one linear map)", within="[1, inf)"
+    )
+    classifier_hidden: int = option(
+        64, "width of the classifier's hidden layers", within="[1, inf)"
+    )
+    temperature: float = option(1.0, "softmax temperature of the scalings", within="(0, inf)")
+    scaling_pass_value: float = option(
+        0.0, "constant scaling of every adapter in the first pass (0: the base model)"
+    )
+
+    def check(self) -> None:
+        super().check()
+        if not self.adapters:
+            raise RankwiseError("xlora needs `adapters`: the PEFT adapter folders to mix")
 
 
 class Scalings:
@@ -41,6 +61,7 @@ class Scalings:
         self.scaling_pass = False
         self.weights = torch.zeros(0)  # (B, T, L, k) per-token scalings of the chosen experts
         self.chosen = torch.zeros(0, dtype=torch.long)  # (B, T, L, k) their expert indices
+        self.hook: RemovableHandle | None = None  # the head's pre-hook on the decoder
 
 
 def classifier(width: int, outputs: int, depth: int, hidden: int) -> nn.Sequential:
@@ -56,7 +77,7 @@ def classifier(width: int, outputs: int, depth: int, hidden: int) -> nn.Sequenti
 class XLoRAHead(nn.Module):
     """The classifier, run by a forward pre-hook on the decoder before the real pass."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig):
+    def __init__(self, model: nn.Module, layers: dict[str, LowRankExperts], config: XLoRAOptions):
         super().__init__()
         num = {layer.num_experts for layer in layers.values()}.pop()
         self.num_experts = num
@@ -107,25 +128,20 @@ class XLoRAHead(nn.Module):
         self.state.weights, self.state.chosen = top_k_softmax(logits / self.temperature, self.k)
 
 
-@register
 class XLoRA(Router):
     """Applies the classifier's scalings to this layer's frozen experts (top-k sparse)."""
 
     name = "xlora"
+    options = XLoRAOptions
 
-    def __init__(self, layer: LowRankExperts, config: RouterConfig, index: int):
+    def __init__(self, layer: LowRankExperts, config: XLoRAOptions, index: int):
         super().__init__()
         self.index = index if config.layerwise else 0
         self.pass_value = config.scaling_pass_value
         self.state = Scalings()  # replaced by the head's shared state
 
     @classmethod
-    def check(cls, config: RouterConfig) -> None:
-        if not config.adapters:
-            raise RankwiseError("xlora needs `adapters`: the PEFT adapter folders to mix")
-
-    @classmethod
-    def layer_specs(cls, model: nn.Module, config: RouterConfig) -> dict[str, list[ExpertSpec]]:
+    def layer_specs(cls, model: nn.Module, config: XLoRAOptions) -> dict[str, list[ExpertSpec]]:
         weights = [read_adapter(path) for path in config.adapters]
         for path, adapter in zip(config.adapters, weights, strict=True):
             check_compatible(model, adapter, f"adapter '{path}'")
@@ -137,19 +153,25 @@ class XLoRA(Router):
 
     @classmethod
     def initialise(
-        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig
+        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: XLoRAOptions
     ) -> None:
         """Copy the adapters' factors into the experts (adapter e is expert e everywhere)."""
         copy_factors(layers, [read_adapter(path) for path in config.adapters])
 
     @classmethod
     def head(
-        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig
+        cls, model: nn.Module, layers: dict[str, LowRankExperts], config: XLoRAOptions
     ) -> nn.Module:
         return XLoRAHead(model, layers, config)
 
     def trainable(self, layer: LowRankExperts) -> list[nn.Parameter]:
         return []
+
+    def release(self) -> None:
+        """Remove the classifier's hook from the decoder (once, for all layers sharing it)."""
+        if self.state.hook is not None:
+            self.state.hook.remove()
+            self.state.hook = None
 
     def forward(
         self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor

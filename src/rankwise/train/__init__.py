@@ -1,6 +1,6 @@
-"""Training LoRA adapters: the config, the loop, checkpoints, schedules, distributed helpers."""
+"""Training: the configs, the loop and what it trains, checkpoints, schedules, data parallelism."""
 
-from rankwise.train.config import TrainConfig, from_mapping
-from rankwise.train.loop import TrainResult, train
+from rankwise.train.config import RunConfig, TrainConfig
+from rankwise.train.loop import LoraAdapter, Trainable, TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "from_mapping", "train"]
+__all__ = ["LoraAdapter", "RunConfig", "TrainConfig", "TrainResult", "Trainable", "train"]

@@ -9,9 +9,7 @@ position is a function of the step and the seed, so it needs no file. Nothing is
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import random
 import shutil
 from collections.abc import Callable
@@ -20,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rankwise.adapters.peft_format import atomic_write
+from rankwise.atomic import atomic_folder
 
 STATE_FILE = "trainer_state.json"
 
@@ -41,26 +39,22 @@ def save_checkpoint(
 
     ``write_weights(folder)`` writes the trained weights (an adapter or a mixture folder).
     """
-    root = checkpoint_root(output)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_weights(tmp)
-    tensors, groups = flatten_optimizer(optimizer)
-    save_file(tensors, tmp / "optimizer.safetensors")
-    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
-    state = {
-        "step": step,
-        "config": dataclasses.asdict(config),
-        "param_groups": groups,
-        "python_rng": random.getstate()[1],
-    }
-    atomic_write(tmp / STATE_FILE, lambda path: Path(path).write_text(json.dumps(state)))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = checkpoint_root(output) / f"step-{step:06d}"
+
+    def write(folder: Path) -> None:
+        write_weights(folder)
+        tensors, groups = flatten_optimizer(optimizer)
+        save_file(tensors, folder / "optimizer.safetensors")
+        save_file(rng_states(), folder / "rng.safetensors")
+        state = {
+            "step": step,
+            "config": config.as_dict(),
+            "param_groups": groups,
+            "python_rng": random.getstate()[1],
+        }
+        (folder / STATE_FILE).write_text(json.dumps(state))
+
+    atomic_folder(final, write)
     for old in list_checkpoints(output)[:-keep_last]:
         shutil.rmtree(old)
     return final
@@ -84,16 +78,35 @@ def load_checkpoint(
     state = json.loads((folder / STATE_FILE).read_text())
     read_weights(folder)
     unflatten_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), state)
-    torch.set_rng_state(load_file(folder / "rng.safetensors")["torch"])
+    restore_rng(load_file(folder / "rng.safetensors"))
     random.setstate((3, tuple(state["python_rng"]), None))
     return state
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """The generator states dropout and sampling draw from: CPU, and the accelerator's if any."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    if torch.backends.mps.is_available():
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def restore_rng(states: dict[str, torch.Tensor]) -> None:
+    """Put back what ``rng_states`` saved (an accelerator's state only where it exists)."""
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
     """AdamW's state as flat safetensors entries ``"<param index>.<name>"`` plus JSON groups."""
     saved = optimizer.state_dict()
     tensors = {
-        f"{index}.{name}": value.detach().clone().contiguous()
+        f"{index}.{name}": value.detach().cpu().contiguous()
         for index, entries in saved["state"].items()
         for name, value in entries.items()
     }

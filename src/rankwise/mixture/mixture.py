@@ -1,5 +1,8 @@
 """A mixture on a model: experts in every targeted module, a router each, and IO.
 
+A ``Mixture`` is also what ``rankwise.train`` trains (a ``Trainable``): its parameters, the
+routers' auxiliary loss, their bookkeeping after each step, saving and loading.
+
 On disk a mixture is a folder with ``mixture_config.json`` (the router settings, the base model
 and every module's expert specs) and ``mixture.safetensors`` (factors, router parameters and
 buffers, and the model-level head); see docs/mixtures.md. Nothing is pickled.
@@ -19,21 +22,25 @@ from torch import nn
 
 from rankwise.adapters.inject import inject_experts
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
-from rankwise.adapters.peft_format import atomic_write
+from rankwise.atomic import atomic_file
 from rankwise.errors import RankwiseError
-from rankwise.routers.base import ROUTERS, Router, RouterConfig
+from rankwise.models import model_device
+from rankwise.options import Options
+from rankwise.routers import ROUTERS, Router
+from rankwise.train.distributed import World, all_reduce_sum
 
 CONFIG_FILE = "mixture_config.json"
 WEIGHTS_FILE = "mixture.safetensors"
 FORMAT = "rankwise-mixture"
-VERSION = 1
+VERSION = 2  # 2: each router's own settings (1 had one shared RouterConfig; read by upgrade_v1)
 
 
 @dataclass
 class Mixture:
     """The experts layers of a model with their routers, and the router's model-level head."""
 
-    config: RouterConfig
+    router: str
+    options: Options  # the router's own settings (``ROUTERS[router].options``)
     layers: dict[str, LowRankExperts]
     head: nn.Module
 
@@ -41,22 +48,28 @@ class Mixture:
     def routers(self) -> dict[str, Router]:
         return {name: layer.policy for name, layer in self.layers.items()}
 
-    def trainable(self) -> list[nn.Parameter]:
+    def parameters(self) -> list[nn.Parameter]:
         """What training updates: each router's choice of factors and parameters, and the head."""
         params = [p for layer in self.layers.values() for p in layer.policy.trainable(layer)]
         return params + list(self.head.parameters())
 
     def aux_loss(self) -> torch.Tensor:
-        """The routers' auxiliary loss of the last forward."""
-        return ROUTERS[self.config.router].aux_loss(self.routers)
+        """The routers' auxiliary loss of the last forward, on the model's device."""
+        first = next(iter(self.layers.values()))
+        return ROUTERS[self.router].aux_loss(self.routers).to(first.lora_A.device)
 
-    def step_counts(self) -> list[torch.Tensor]:
-        """Every router's per-step counters (summed over processes before ``after_step``)."""
-        return [t for router in self.routers.values() for t in router.step_counts()]
-
-    def after_step(self) -> None:
+    def after_step(self, world: World = World()) -> None:
+        """Routers' bookkeeping on counts summed over all processes (balancing biases agree)."""
+        all_reduce_sum([t for router in self.routers.values() for t in router.step_counts()], world)
         for router in self.routers.values():
             router.after_step()
+
+    def save(self, folder: Path, base_model: str | None = None) -> Path:
+        return save_mixture(self, folder, base_model)
+
+    def load(self, folder: Path) -> None:
+        """Restore weights and router buffers from a mixture or checkpoint folder."""
+        self.load_tensors(load_file(folder / WEIGHTS_FILE), f"'{folder}'")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything a saved mixture holds, by safetensors key."""
@@ -93,22 +106,35 @@ class Mixture:
         self.head.load_state_dict({k: tensors[f"head.{k}"] for k in self.head.state_dict()})
 
 
-def build_mixture(model: nn.Module, config: RouterConfig) -> Mixture:
-    """Attach fresh experts and routers as ``config`` says (X-LoRA: the given adapters)."""
-    router = ROUTERS[config.router]
-    layers = inject_experts(model, router.layer_specs(model, config))
-    router.initialise(model, layers, config)
-    return assemble(model, layers, config)
+def router_options(router: str, settings: dict | Options | None = None) -> Options:
+    """The settings of ``router`` from a mapping (unknown keys fail), its defaults if None."""
+    if router not in ROUTERS:
+        raise RankwiseError(f"unknown router '{router}': choose one of {', '.join(ROUTERS)}")
+    if isinstance(settings, Options):
+        return settings
+    return ROUTERS[router].options.from_mapping(settings or {}, f"router {router}")
 
 
-def assemble(model: nn.Module, layers: dict[str, LowRankExperts], config: RouterConfig) -> Mixture:
+def build_mixture(model: nn.Module, router: str, options: dict | Options | None = None) -> Mixture:
+    """Attach fresh experts and routers as ``options`` say (X-LoRA: the given adapters)."""
+    options = router_options(router, options)
+    policy = ROUTERS[router]
+    layers = inject_experts(model, policy.layer_specs(model, options))
+    policy.initialise(model, layers, options)
+    return assemble(model, layers, router, options)
+
+
+def assemble(
+    model: nn.Module, layers: dict[str, LowRankExperts], router: str, options: Options
+) -> Mixture:
     """Give each layer its router and build the head; only the router's choice stays trainable."""
-    router = ROUTERS[config.router]
+    policy = ROUTERS[router]
     for index, layer in enumerate(layers.values()):
-        layer.policy = router(layer, config, index)
-    mixture = Mixture(config, layers, router.head(model, layers, config))
+        layer.policy = policy(layer, options, index)
+    mixture = Mixture(router, options, layers, policy.head(model, layers, options))
+    mixture.head.to(model_device(model))
     model.requires_grad_(False)
-    for param in mixture.trainable():
+    for param in mixture.parameters():
         param.requires_grad_(True)
     return mixture
 
@@ -123,14 +149,14 @@ def save_mixture(
         "format": FORMAT,
         "version": VERSION,
         "base_model": base_model,
-        "router_config": dataclasses.asdict(mixture.config),
+        "router_config": {"router": mixture.router, **mixture.options.as_dict()},
         "layers": {
             name: [dataclasses.asdict(spec) for spec in layer.experts]
             for name, layer in mixture.layers.items()
         },
     }
-    atomic_write(path / WEIGHTS_FILE, lambda p: save_file(mixture.tensors(), p))
-    atomic_write(path / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    atomic_file(path / WEIGHTS_FILE, lambda p: save_file(mixture.tensors(), p))
+    atomic_file(path / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
     return path
 
 
@@ -140,16 +166,33 @@ def read_mixture_config(folder: str | os.PathLike) -> dict:
     if not file.is_file():
         raise RankwiseError(f"'{folder}' is not a mixture folder: it has no {CONFIG_FILE}")
     saved = json.loads(file.read_text())
-    if saved.get("format") != FORMAT or saved.get("version") != VERSION:
-        raise RankwiseError(f"'{file}' is not a {FORMAT} version {VERSION} config")
+    if saved.get("format") != FORMAT or saved.get("version") not in (1, VERSION):
+        raise RankwiseError(f"'{file}' is not a {FORMAT} config of version 1 or {VERSION}")
+    if saved["version"] == 1:
+        saved["router_config"] = upgrade_v1(saved["router_config"])
     return saved
+
+
+def upgrade_v1(config: dict) -> dict:
+    """A version-1 router config (one shared set of keys) as the router's own settings.
+
+    Version 1's ``r`` was the per-expert rank of MoLA and RadarGate and the total rank of SMoRA
+    and FlyLoRA; keys the router never read are dropped.
+    """
+    router = config["router"]
+    renamed = {"r": "expert_rank" if router in ("mola", "radargate") else "rank"}
+    known = {f for f in ROUTERS[router].options.__dataclass_fields__}
+    values = {renamed.get(k, k): v for k, v in config.items() if k != "router"}
+    return {"router": router, **{k: v for k, v in values.items() if k in known}}
 
 
 def load_mixture(model: nn.Module, folder: str | os.PathLike) -> Mixture:
     """Attach a saved mixture to ``model`` (the base it was trained on) and load its weights."""
     saved = read_mixture_config(folder)
-    config = RouterConfig(**saved["router_config"])
+    settings = dict(saved["router_config"])
+    router = settings.pop("router")
+    options = router_options(router, settings)
     specs = {name: [ExpertSpec(**s) for s in specs] for name, specs in saved["layers"].items()}
-    mixture = assemble(model, inject_experts(model, specs), config)
+    mixture = assemble(model, inject_experts(model, specs), router, options)
     mixture.load_tensors(load_file(Path(folder) / WEIGHTS_FILE), f"mixture '{folder}'")
     return mixture
