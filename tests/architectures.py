@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -99,8 +99,26 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE over 125 characters (no merges) with <unk>, <s> and </s> (ids 0-2).
+
+    Saved folders use it: transformers rebuilds some families' tokenizers on load (Qwen2's as a
+    byte-level BPE with its own pre-tokenizer), which keeps a byte-level vocabulary intact but
+    would drop every word of ``word_tokenizer``.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    chars = sorted(c for c in alphabet if c.isalnum() and c.isascii()) + ["Ġ", ".", ","]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *chars[: VOCAB - 3]])}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
 def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
-    """``tiny_model(arch, seed)`` with ``word_tokenizer()`` saved as a Hugging Face folder."""
+    """``tiny_model(arch, seed)`` with ``byte_tokenizer()`` saved as a Hugging Face folder."""
     tiny_model(arch, seed).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
     return folder

@@ -42,7 +42,7 @@ def generate(
     """Complete one prompt (chat template applied for instruct models); optionally stream it."""
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    inputs = left_padded([encode_prompt(prompt, tokenizer)], tokenizer.pad_token_id)
+    inputs = left_padded([encode_prompt(prompt, tokenizer)], tokenizer.pad_token_id, model.device)
     streamer = (
         TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     )
@@ -67,7 +67,7 @@ def generate_batch(
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         ids = [encode_prompt(p, tokenizer) for p in prompts[start : start + batch_size]]
-        inputs = left_padded(ids, tokenizer.pad_token_id)
+        inputs = left_padded(ids, tokenizer.pad_token_id, model.device)
         output = model.generate(
             **inputs,
             do_sample=False,
@@ -80,12 +80,17 @@ def generate_batch(
     return answers
 
 
-def left_padded(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids and attention_mask with every row padded on the left to the longest one."""
+def left_padded(
+    ids: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask with every row padded on the left to the longest one.
+
+    Built on the CPU row by row, then moved to ``device`` in one copy each.
+    """
     width = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, row in enumerate(ids):
         input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row) :] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}

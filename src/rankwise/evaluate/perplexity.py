@@ -66,7 +66,8 @@ def perplexity(
     ids = torch.tensor(stream)
     device = next(model.parameters()).device
     spans = windows(len(stream), window, stride)
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync
+    count = 0
     for start in range(0, len(spans), batch_size):
         batch = spans[start : start + batch_size]
         width = max(end - begin for begin, end, _ in batch)
@@ -80,7 +81,7 @@ def perplexity(
             mask[row, :n] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
         logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+        count += int((labels[:, 1:] != -100).sum())  # counted on the CPU copy
         targets = labels[:, 1:].to(device)  # (B, T-1)
-        total += F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()
-        count += int((targets != -100).sum())
-    return float(torch.tensor(total / count).exp())
+        total += F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").double()
+    return float((total / count).exp())

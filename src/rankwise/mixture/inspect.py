@@ -13,17 +13,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from transformers import PreTrainedTokenizerBase
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from transformers import PreTrainedTokenizerBase  # noqa: E402
-
-from rankwise.data import collate, encode_example  # noqa: E402
-from rankwise.mixture.mixture import Mixture  # noqa: E402
-from rankwise.routers.radargate import RadarGate, pair_angles  # noqa: E402
+from rankwise.data import collate, encode_example
+from rankwise.mixture.mixture import Mixture
+from rankwise.models import model_device
+from rankwise.routers.radargate import RadarGate, pair_angles
 
 
 @dataclass
@@ -63,6 +61,7 @@ def inspect_mixture(
 ) -> Report:
     """Run the records (prompt and answer) through the model and average the routers' gates."""
     model.eval()
+    device = model_device(model)
     report = Report()
     radar = all(isinstance(r, RadarGate) for r in mixture.routers.values())
     inputs: dict[str, torch.Tensor] = {}
@@ -86,6 +85,7 @@ def inspect_mixture(
                     ],
                     tokenizer.pad_token_id,
                 )
+                batch = {k: v.to(device) for k, v in batch.items()}
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 keep = batch["attention_mask"].bool()  # (B, T)
                 tokens += int(keep.sum())
@@ -117,7 +117,8 @@ def plot_gates(report: Report, folder: Path) -> list[Path]:
         grid = torch.full((len(layers), width), float("nan"))
         for row, gates in enumerate(layers.values()):
             grid[row, : len(gates)] = torch.tensor(gates)
-        fig, ax = plt.subplots(figsize=(2 + 0.25 * width, 1.5 + 0.18 * len(layers)))
+        fig = Figure(figsize=(2 + 0.25 * width, 1.5 + 0.18 * len(layers)))  # no pyplot
+        ax = fig.subplots()
         image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(layers)), [short(n) for n in layers], fontsize=6)
         ax.set_xlabel("expert")
@@ -127,7 +128,6 @@ def plot_gates(report: Report, folder: Path) -> list[Path]:
         fig.tight_layout()
         paths.append(folder / f"gates-{task}.png")
         fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
     return paths
 
 
@@ -135,7 +135,8 @@ def plot_angles(report: Report, path: Path) -> Path:
     """RadarGate: pair angles before rotation, after, and the change, in degrees."""
     before = torch.tensor(report.angles_before).rad2deg()
     after = torch.tensor(report.angles_after).rad2deg()
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    fig = Figure(figsize=(11, 3.4))
+    axes = fig.subplots(1, 3)
     for ax, grid, title in zip(
         axes, (before, after, after - before), ("before", "after", "change"), strict=True
     ):
@@ -148,7 +149,6 @@ def plot_angles(report: Report, path: Path) -> Path:
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

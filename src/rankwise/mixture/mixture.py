@@ -32,6 +32,7 @@ from rankwise.train.distributed import World, all_reduce_sum
 CONFIG_FILE = "mixture_config.json"
 WEIGHTS_FILE = "mixture.safetensors"
 FORMAT = "rankwise-mixture"
+SINGLE = World()  # one process
 VERSION = 2  # 2: each router's own settings (1 had one shared RouterConfig; read by upgrade_v1)
 
 
@@ -58,7 +59,7 @@ class Mixture:
         first = next(iter(self.layers.values()))
         return ROUTERS[self.router].aux_loss(self.routers).to(first.lora_A.device)
 
-    def after_step(self, world: World = World()) -> None:
+    def after_step(self, world: World = SINGLE) -> None:
         """Routers' bookkeeping on counts summed over all processes (balancing biases agree)."""
         all_reduce_sum([t for router in self.routers.values() for t in router.step_counts()], world)
         for router in self.routers.values():

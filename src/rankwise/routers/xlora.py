@@ -94,7 +94,9 @@ class XLoRAHead(nn.Module):
         for layer in layers.values():
             layer.policy.state = self.state
         self.cache: Cache | None = None  # the scaling pass's KV cache during generation
-        self.hook = model.get_decoder().register_forward_pre_hook(self.scale, with_kwargs=True)
+        self.state.hook = model.get_decoder().register_forward_pre_hook(
+            self.scale, with_kwargs=True
+        )
 
     def scale(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
         """Run the scaling pass and the classifier; the hooked call then does the real pass.

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 class MetricsLog:
@@ -36,7 +33,8 @@ def plot_loss(metrics_path: Path, png_path: Path) -> None:
     lines = read_metrics(metrics_path)
     train = [(m["step"], m["loss"]) for m in lines if "loss" in m]
     val = [(m["step"], m["val_loss"]) for m in lines if "val_loss" in m]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))  # no pyplot: the user's matplotlib backend stays as it is
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
     if val:
@@ -48,4 +46,3 @@ def plot_loss(metrics_path: Path, png_path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
