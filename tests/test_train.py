@@ -177,7 +177,9 @@ def test_schedule_warms_up_then_decays():
     assert learning_rate(50, 1.0, 10, 100, "linear") == pytest.approx(1 - 40 / 90)
 
 
-def distributed_worker(rank: int, world: int, port: int, model_dir: str, tmp: str) -> None:
+def distributed_worker(
+    rank: int, world: int, port: int, model_dir: str, tmp: str, accum: int = 1
+) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -186,20 +188,28 @@ def distributed_worker(rank: int, world: int, port: int, model_dir: str, tmp: st
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    cfg = config(Path(model_dir), Path(tmp), output_dir=str(Path(tmp) / "ddp"), batch_size=2)
+    cfg = config(
+        Path(model_dir),
+        Path(tmp),
+        output_dir=str(Path(tmp) / "ddp"),
+        batch_size=2 // accum,
+        grad_accum=accum,
+    )
     result = train(cfg)
     held = {n: p.detach() for n, p in result.model.named_parameters() if p.requires_grad}
     save_file(held, str(Path(tmp) / f"rank{rank}.safetensors"))
     torch.distributed.destroy_process_group()
 
 
-def test_two_processes_match_one_with_the_same_global_batch(model_dir, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2], ids=["one-micro-batch", "accumulating"])
+def test_two_processes_match_one_with_the_same_global_batch(model_dir, tmp_path, accum):
+    """DDP over 2 processes (gloo), with and without accumulation (no_sync), equals 1 process."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(distributed_worker, args=(2, port, str(model_dir), str(tmp_path)), nprocs=2)
+    mp.spawn(distributed_worker, args=(2, port, str(model_dir), str(tmp_path), accum), nprocs=2)
     rank0, rank1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     train(config(model_dir, tmp_path, output_dir=str(tmp_path / "single"), batch_size=4))
@@ -237,3 +247,35 @@ def test_bf16_base_keeps_fp32_adapters(model_dir, tmp_path):
     assert dtypes == {torch.float32}
     assert next(result.model.get_decoder().parameters()).dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 for v in adapter_tensors(tmp_path / "run").values())
+
+
+def on_meta_by_default(fn):
+    """``fn`` run with the meta device as torch's default: a tensor some code makes without
+    saying where lands on meta and fails as soon as it meets the model's real tensors."""
+
+    def run(*args, **kwargs):
+        with torch.device("meta"):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@pytest.mark.parametrize("router", [None, "mola", "smora"])
+def test_a_training_step_places_every_tensor_explicitly(model_dir, tmp_path, monkeypatch, router):
+    """What a GPU run needs, checked on the CPU: every tensor of a step (forward, loss, backward,
+    auxiliary losses, routers' bookkeeping, validation) is made on the model's device or on the
+    host on purpose, never on torch's default device."""
+    from rankwise.mixture import MixConfig, Mixture, train_mixture
+
+    for name in ("accumulate_gradients", "validation_loss"):
+        monkeypatch.setattr(loop_module, name, on_meta_by_default(getattr(loop_module, name)))
+    monkeypatch.setattr(Mixture, "after_step", on_meta_by_default(Mixture.after_step))
+    values = dict(max_steps=2, eval_every=1, eval_data=str(write_data(tmp_path, n=8)))
+    if router is None:
+        train(config(model_dir, tmp_path, **values))
+        return
+    cfg = config(model_dir, tmp_path, **values).as_dict()
+    for key in ("r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern"):
+        cfg.pop(key)
+    extra = {"mola": {"aux_coef": 0.01}, "smora": {"rank": 4, "top_k": 2}}[router]
+    train_mixture(MixConfig.from_mapping({**cfg, "router": router, **extra}))

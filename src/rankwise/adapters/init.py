@@ -18,39 +18,33 @@ from torch import nn
 if TYPE_CHECKING:
     from rankwise.adapters.layer import LowRankExperts
 
-InitScheme = Callable[[torch.Tensor, torch.Tensor], None]
-INIT_SCHEMES: dict[str, InitScheme] = {}
+InitScheme = Callable[[torch.Tensor, torch.Tensor], None]  # fills A [r, in], B [out, r] in place
 
 
-def register(name: str) -> Callable[[InitScheme], InitScheme]:
-    """Register an init scheme ``f(A [r, in], B [out, r])`` that fills both in place."""
-
-    def add(fn: InitScheme) -> InitScheme:
-        INIT_SCHEMES[name] = fn
-        return fn
-
-    return add
-
-
-@register("init_a")
 def init_a(a: torch.Tensor, b: torch.Tensor) -> None:
     """Init[A]: A Kaiming-uniform (as nn.Linear, PEFT's default), B zero."""
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
     nn.init.zeros_(b)
 
 
-@register("init_b")
 def init_b(a: torch.Tensor, b: torch.Tensor) -> None:
     """Init[B]: A zero, B Kaiming-uniform over its rank fan-in."""
     nn.init.zeros_(a)
     nn.init.kaiming_uniform_(b, a=math.sqrt(5))
 
 
-@register("gaussian")
 def init_gaussian(a: torch.Tensor, b: torch.Tensor) -> None:
     """A ~ N(0, 1/r^2), B zero (PEFT's ``init_lora_weights="gaussian"``)."""
     nn.init.normal_(a, std=1.0 / a.shape[0])
     nn.init.zeros_(b)
+
+
+# The one place an init scheme is registered; this order is the order users see.
+INIT_SCHEMES: dict[str, InitScheme] = {
+    "init_a": init_a,
+    "init_b": init_b,
+    "gaussian": init_gaussian,
+}
 
 
 @torch.no_grad()

@@ -89,15 +89,20 @@ def pack_tokens(pieces: Iterable[list[int]], eos: int, block_size: int) -> list[
 
 
 def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad examples into input_ids, labels (padded with -100) and attention_mask tensors."""
+    """Right-pad examples into input_ids, labels (padded with -100) and attention_mask tensors.
+
+    Built on the CPU (row by row from Python lists); callers move the batch to the model's
+    device in one copy per tensor.
+    """
     width = max(len(example["input_ids"]) for example in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+    host = {"dtype": torch.long, "device": "cpu"}
+    input_ids = torch.full((len(batch), width), pad_id, **host)  # (B, T)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, **host)  # (B, T)
+    attention_mask = torch.zeros((len(batch), width), **host)  # (B, T)
     for row, example in enumerate(batch):
         n = len(example["input_ids"])
-        input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
-        labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
+        input_ids[row, :n] = torch.tensor(example["input_ids"], **host)
+        labels[row, :n] = torch.tensor(example["labels"], **host)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 

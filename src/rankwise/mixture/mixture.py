@@ -55,9 +55,9 @@ class Mixture:
         return params + list(self.head.parameters())
 
     def aux_loss(self) -> torch.Tensor:
-        """The routers' auxiliary loss of the last forward, on the model's device."""
-        first = next(iter(self.layers.values()))
-        return ROUTERS[self.router].aux_loss(self.routers).to(first.lora_A.device)
+        """The routers' auxiliary loss of the last forward (zero on the model's device if none)."""
+        loss = ROUTERS[self.router].aux_loss(self.routers)
+        return loss if loss is not None else next(iter(self.layers.values())).lora_A.new_zeros(())
 
     def after_step(self, world: World = SINGLE) -> None:
         """Routers' bookkeeping on counts summed over all processes (balancing biases agree)."""

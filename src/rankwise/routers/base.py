@@ -119,10 +119,10 @@ class Router(Policy):
         return [layer.lora_A, layer.lora_B, *self.parameters()]
 
     @classmethod
-    def aux_loss(cls, routers: dict[str, Router]) -> torch.Tensor:
+    def aux_loss(cls, routers: dict[str, Router]) -> torch.Tensor | None:
         """The auxiliary loss of a mixture's last forward, from all its routers by module name,
-        added to the training loss (none by default)."""
-        return torch.zeros(())
+        added to the training loss (None, the default: there is none)."""
+        return None
 
     def step_counts(self) -> list[torch.Tensor]:
         """Counters of this step's training forwards that data-parallel runs sum over processes."""

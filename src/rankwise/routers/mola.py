@@ -100,7 +100,7 @@ class MoLA(Router):
         return routed_sum(layer, x, gates, chosen, into, h)
 
     @classmethod
-    def aux_loss(cls, routers: dict[str, Router]) -> torch.Tensor:
+    def aux_loss(cls, routers: dict[str, Router]) -> torch.Tensor | None:
         """Switch loss E * sum_e f_e P_e per decoder block, summed over blocks, times aux_coef.
 
         As the official code, the routers of one block are pooled: f_e is the share of the
@@ -110,7 +110,7 @@ class MoLA(Router):
         blocks: dict[int, list[MoLA]] = defaultdict(list)
         for name, router in routers.items():
             blocks[block_index(name)].append(router)
-        total = torch.zeros(())
+        terms = []
         for group in blocks.values():
             first = group[0]
             if first.aux_coef == 0 or first.last_gates is None:
@@ -120,5 +120,5 @@ class MoLA(Router):
                 [(r.last_gates > 0).float().reshape(-1, num).mean(0) / r.k for r in group]
             ).mean(0)  # (E,)
             mean_prob = torch.stack([r.last_probs.reshape(-1, num).mean(0) for r in group]).mean(0)
-            total = total + first.aux_coef * num * (share * mean_prob).sum()
-        return total
+            terms.append(first.aux_coef * num * (share * mean_prob).sum())
+        return sum(terms) if terms else None
