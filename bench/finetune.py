@@ -30,13 +30,9 @@ from rankwise.data import TASKS, collate, get_task  # noqa: E402
 from rankwise.evaluate.accuracy import exact_match  # noqa: E402
 from rankwise.models import DEFAULT_MODEL, load_model  # noqa: E402
 from rankwise.train import TrainConfig, train  # noqa: E402
-from rankwise.train.loop import (  # noqa: E402
-    batch_indices,
-    build_examples,
-    label_tokens,
-    summed_loss,
-    validation_loss,
-)
+from rankwise.train.distributed import World  # noqa: E402
+from rankwise.train.examples import batch_indices, build_examples, label_tokens  # noqa: E402
+from rankwise.train.loss import summed_loss, validation_loss  # noqa: E402
 
 SPEED = dict(
     data="corpus:python-docs",
@@ -107,8 +103,8 @@ def peft_worker(steps: int) -> dict:
         loaded.model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     )
     inner = peft.base_model.model
-    examples, _ = build_examples(config.data, loaded.tokenizer, config, "train", 0)
-    val, _ = build_examples(config.data, loaded.tokenizer, config, "validation", 0)
+    examples, _ = build_examples(config.data, loaded.tokenizer, config, "train", World())
+    val, _ = build_examples(config.data, loaded.tokenizer, config, "validation", World())
     params = [p for p in peft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     inner.train()
@@ -124,7 +120,7 @@ def peft_worker(steps: int) -> dict:
     speed = tokens / (time.perf_counter() - start)
     return {
         "tokens_per_s": speed,
-        "val_loss": validation_loss(inner, val[:8], 4, loaded.tokenizer.pad_token_id),
+        "val_loss": validation_loss(inner, val[:8], 4, loaded.tokenizer.pad_token_id, World()),
     }
 
 
@@ -134,10 +130,12 @@ def rankwise_worker(steps: int, dtype: str, out: str) -> dict:
     )
     result = train(config)
     loaded = load_model(dtype=dtype)
-    val, _ = build_examples(config.data, loaded.tokenizer, config, "validation", 0)
+    val, _ = build_examples(config.data, loaded.tokenizer, config, "validation", World())
     return {
         "tokens_per_s": result.tokens_per_second,
-        "val_loss": validation_loss(result.model, val[:8], 4, loaded.tokenizer.pad_token_id),
+        "val_loss": validation_loss(
+            result.model, val[:8], 4, loaded.tokenizer.pad_token_id, World()
+        ),
     }
 
 

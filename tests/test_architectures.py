@@ -30,7 +30,7 @@ from rankwise.architectures import block_index
 from rankwise.data import collate
 from rankwise.mixture import build_mixture
 from rankwise.train import TrainConfig, train
-from rankwise.train.loop import summed_loss
+from rankwise.train.loss import summed_loss
 
 TOKENS = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(0))
 

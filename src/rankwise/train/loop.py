@@ -20,33 +20,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from rankwise.adapters import (
-    copy_factors,
-    describe_trainable,
-    inject_adapter,
-    read_adapter,
-    save_adapter,
-)
-from rankwise.architectures import head_logits
-from rankwise.data import (
-    IGNORE_INDEX,
-    collate,
-    encode_example,
-    eos_id,
-    load_dataset_spec,
-    pack_tokens,
-    tokenize_texts,
-)
+from rankwise.adapters import describe_trainable
+from rankwise.data import collate
 from rankwise.errors import RankwiseError
 from rankwise.models import load_model, model_device, resolve_device
 from rankwise.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from rankwise.train.config import RunConfig, TrainConfig
+from rankwise.train.config import RunConfig
 from rankwise.train.distributed import (
     World,
     accumulating,
@@ -54,67 +38,18 @@ from rankwise.train.distributed import (
     barrier,
     data_parallel,
     init_world,
-    shard_map,
 )
+from rankwise.train.examples import (
+    Example,
+    batch_indices,
+    build_examples,
+    label_tokens,
+    validation_spec,
+)
+from rankwise.train.loss import summed_loss, validation_loss
 from rankwise.train.metrics import MetricsLog, plot_loss
 from rankwise.train.schedule import learning_rate
-
-HEAD_ROWS = 128  # output-head rows per loss piece (1.5x faster than one piece on a 2-core CPU)
-
-Example = dict[str, list[int]]
-
-
-class Trainable(Protocol):
-    """What the loop trains: its parameters, an auxiliary loss, step bookkeeping, save, load."""
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters the optimizer updates."""
-        ...
-
-    def aux_loss(self) -> torch.Tensor:
-        """An extra loss of the last forward (a zero tensor when there is none)."""
-        ...
-
-    def after_step(self, world: World) -> None:
-        """Bookkeeping after each optimizer step (with the processes to agree with)."""
-        ...
-
-    def save(self, folder: Path, base_model: str) -> None:
-        """Write the trained weights into ``folder`` (checkpoints and the final result)."""
-        ...
-
-    def load(self, folder: Path) -> None:
-        """Restore the weights ``save`` wrote (on ``--resume``)."""
-        ...
-
-
-class LoraAdapter:
-    """The default ``Trainable``: one fresh LoRA adapter, saved in PEFT's format."""
-
-    def __init__(self, model: torch.nn.Module, config: TrainConfig):
-        self.model = model
-        self.layers = inject_adapter(model, config.lora())
-        self.device = model_device(model)
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for layer in self.layers.values() for p in layer.adapter_params().values()]
-
-    def aux_loss(self) -> torch.Tensor:
-        return torch.zeros((), device=self.device)
-
-    def after_step(self, world: World) -> None:
-        return None
-
-    def save(self, folder: Path, base_model: str) -> None:
-        save_adapter(self.model, folder, base_model=base_model)
-
-    @torch.no_grad()
-    def load(self, folder: Path) -> None:
-        weights = read_adapter(folder)
-        missing = sorted(set(self.layers) - set(weights.factors))
-        if missing:
-            raise RankwiseError(f"checkpoint '{folder}' has no weights for {missing[0]}")
-        copy_factors(self.layers, [weights])
+from rankwise.train.trainable import LoraAdapter, Trainable
 
 
 @dataclass
@@ -292,102 +227,6 @@ def accumulate_gradients(
 def due(done: int, every: int, last: int) -> bool:
     """Whether step ``done`` is one of every ``every`` steps (0: never) or the last one."""
     return bool(every) and done % every == 0 or done == last
-
-
-def build_examples(
-    spec: str, tokenizer: PreTrainedTokenizerBase, config: RunConfig, split: str, world: World
-) -> tuple[list[Example], int]:
-    """Tokenised examples for a data spec, and how many malformed lines were skipped.
-
-    Plain text records are packed into ``seq_len`` blocks; prompt/completion and chat records
-    become one example each, with labels only on what the model should write. Each process
-    tokenises every ``world.size``-th record and the results are exchanged.
-    """
-    n = config.train_examples if split == "train" else config.eval_examples
-    records = load_dataset_spec(spec, split=split, n=n, skip_bad_lines=config.skip_bad_lines)
-    texts = [r["text"] for r in records.records if "text" in r]
-    prompted = [r for r in records.records if "text" not in r]
-    pieces = shard_map(lambda text: tokenize_texts([text], tokenizer)[0], texts, world)
-    encoded = shard_map(lambda r: encode_example(r, tokenizer, config.seq_len), prompted, world)
-    examples = (
-        [
-            {"input_ids": block, "labels": list(block)}
-            for block in pack_tokens(pieces, eos_id(tokenizer), config.seq_len)
-        ]
-        if texts
-        else []
-    )
-    examples += [e for e in encoded if any(label != IGNORE_INDEX for label in e["labels"][1:])]
-    if not examples:
-        raise RankwiseError(
-            f"'{spec}' gave no trainable examples (texts shorter than seq_len={config.seq_len}?)"
-        )
-    return examples, records.skipped
-
-
-def validation_spec(config: RunConfig) -> str | None:
-    """The data to validate on: eval_data, else the validation split of a built-in source."""
-    if config.eval_data:
-        return config.eval_data
-    return config.data if config.data.split(":")[0] in ("task", "corpus") else None
-
-
-def label_tokens(batch: list[Example]) -> int:
-    """Tokens the loss is taken over (labels shifted by one, as the model predicts the next)."""
-    return sum(sum(1 for t in ex["labels"][1:] if t != IGNORE_INDEX) for ex in batch)
-
-
-def summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the label tokens of a padded batch.
-
-    The output head runs only at positions that carry a label, which on prompt/completion data
-    skips most of its (vocabulary-sized) work, and in pieces of ``HEAD_ROWS`` rows, so that each
-    piece's fp32 logits stay in cache through the softmax and its backward. The logits are the
-    model's own (``head_logits``: Gemma2's soft-capping included).
-    """
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state  # (B, T, H)
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    keep = targets != IGNORE_INDEX
-    pieces = zip(hidden[:, :-1][keep].split(HEAD_ROWS), targets[keep].split(HEAD_ROWS), strict=True)
-    return sum(
-        torch.nn.functional.cross_entropy(head_logits(model, h), t, reduction="sum")
-        for h, t in pieces
-    )
-
-
-@torch.no_grad()
-def validation_loss(
-    model: torch.nn.Module, examples: list[Example], batch_size: int, pad: int, world: World
-) -> float:
-    """Mean next-token loss over all label tokens of ``examples``, each process taking a share."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, label tokens)
-    mine = examples[world.rank :: world.size]
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
-        totals[0] += summed_loss(model, batch).double()
-        totals[1] += label_tokens(chunk)
-    all_reduce_sum([totals], world)
-    model.train(was_training)
-    return (totals[0] / totals[1].clamp_min(1)).item()
-
-
-def batch_indices(step: int, global_batch: int, n: int, seed: int) -> list[int]:
-    """Example indices of optimizer step ``step``: consecutive slices of per-epoch permutations."""
-    indices: list[int] = []
-    position = step * global_batch
-    while len(indices) < global_batch:
-        epoch, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        take = min(global_batch - len(indices), n - offset)
-        indices += order[offset : offset + take].tolist()
-        position += take
-    return indices
 
 
 def check_same_run(saved: dict, config: RunConfig) -> None:

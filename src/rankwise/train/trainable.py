@@ -1,0 +1,71 @@
+"""What the training loop trains: the ``Trainable`` protocol and its plain-LoRA implementation.
+
+A mixture of experts (``rankwise.mixture.Mixture``) is the other implementation; the loop
+never looks inside either.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from rankwise.adapters import copy_factors, inject_adapter, read_adapter, save_adapter
+from rankwise.errors import RankwiseError
+from rankwise.models import model_device
+from rankwise.train.config import TrainConfig
+from rankwise.train.distributed import World
+
+
+class Trainable(Protocol):
+    """What the loop trains: its parameters, an auxiliary loss, step bookkeeping, save, load."""
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates."""
+        ...
+
+    def aux_loss(self) -> torch.Tensor:
+        """An extra loss of the last forward (a zero tensor when there is none)."""
+        ...
+
+    def after_step(self, world: World) -> None:
+        """Bookkeeping after each optimizer step (with the processes to agree with)."""
+        ...
+
+    def save(self, folder: Path, base_model: str) -> None:
+        """Write the trained weights into ``folder`` (checkpoints and the final result)."""
+        ...
+
+    def load(self, folder: Path) -> None:
+        """Restore the weights ``save`` wrote (on ``--resume``)."""
+        ...
+
+
+class LoraAdapter:
+    """The default ``Trainable``: one fresh LoRA adapter, saved in PEFT's format."""
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig):
+        self.model = model
+        self.layers = inject_adapter(model, config.lora())
+        self.device = model_device(model)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for layer in self.layers.values() for p in layer.adapter_params().values()]
+
+    def aux_loss(self) -> torch.Tensor:
+        return torch.zeros((), device=self.device)
+
+    def after_step(self, world: World) -> None:
+        return None
+
+    def save(self, folder: Path, base_model: str) -> None:
+        save_adapter(self.model, folder, base_model=base_model)
+
+    @torch.no_grad()
+    def load(self, folder: Path) -> None:
+        weights = read_adapter(folder)
+        missing = sorted(set(self.layers) - set(weights.factors))
+        if missing:
+            raise RankwiseError(f"checkpoint '{folder}' has no weights for {missing[0]}")
+        copy_factors(self.layers, [weights])
