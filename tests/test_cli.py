@@ -59,6 +59,33 @@ def test_example_configs_are_valid(name):
     assert config.max_steps > 0
 
 
+@pytest.mark.parametrize("router", ["mola", "smora", "flylora", "radargate", "xlora"])
+def test_example_mixture_configs_are_valid(router):
+    from pathlib import Path
+
+    from rankwise.configfile import load_yaml
+    from rankwise.mixture import MixConfig
+
+    root = Path(__file__).resolve().parent.parent
+    config = MixConfig.from_mapping(load_yaml(root / "examples" / f"mix-{router}.yaml"))
+    assert config.router == router and config.max_steps > 0
+
+
+def test_help_lists_choices_defaults_and_bounds(capsys):
+    for verb in (["mix", "train"], ["merge"], ["train"], ["eval"], ["compress"]):
+        with pytest.raises(SystemExit):
+            main([*verb, "--help"])
+        out = capsys.readouterr().out
+        assert "default:" in out, verb
+    with pytest.raises(SystemExit):
+        main(["mix", "train", "--help"])
+    out = capsys.readouterr().out
+    assert "{mola,smora,flylora,radargate,xlora}" in out and "within [1, inf)" in out
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    assert "{linear,ties,dare_linear,dare_ties,lego" in capsys.readouterr().out
+
+
 def test_train_then_eval_from_the_command_line(model_dir, tmp_path, capsys):
     import json
 
