@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from rankwise.adapters.dora import DoRA
 from rankwise.adapters.init import INIT_SCHEMES
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.architectures import is_linear
@@ -52,6 +53,9 @@ class LoraConfig(Options):
         0.0, "dropout on the adapter's input, training only", within="[0, 1)"
     )
     use_rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732)")
+    use_dora: bool = option(
+        False, "DoRA: a trained magnitude per output row of the adapted weight (arXiv 2402.09353)"
+    )
     init: str = option("init_a", "how the factors start (B A = 0 for all)", choices=INIT_SCHEMES)
     rank_pattern: dict[str, int] = flagless({}, "module-name pattern -> rank (YAML only)")
     alpha_pattern: dict[str, float] = flagless({}, "module-name pattern -> alpha (YAML only)")
@@ -155,7 +159,11 @@ def inject_experts(
 def inject_adapter(model: nn.Module, config: LoraConfig) -> dict[str, LowRankExperts]:
     """Attach one fresh LoRA adapter (one expert per targeted module) as ``config`` says."""
     names = select_targets(model, config.target_modules)
-    return inject_experts(model, {name: [config.expert_for(name)] for name in names})
+    layers = inject_experts(model, {name: [config.expert_for(name)] for name in names})
+    if config.use_dora:
+        for layer in layers.values():
+            layer.policy = DoRA(layer)
+    return layers
 
 
 def expert_layers(model: nn.Module) -> dict[str, LowRankExperts]:

@@ -13,8 +13,9 @@ applied in the R-dimensional rank space between the two products.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -118,8 +119,9 @@ class LowRankExperts(nn.Module):
         return self.lora_A[rows], self.lora_B[:, rows]
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        """The trainable parameters this layer declares (one source for freezing and saving)."""
-        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        """The trainable parameters this layer declares (one source for freezing and saving):
+        both factors, and what its policy adds (DoRA's magnitude), by PEFT's names."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, **self.policy.adapter_params()}
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
         y = self.base(x)
@@ -184,28 +186,18 @@ class LowRankExperts(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the static-gated update into ``base.weight``; forward then skips the experts."""
+        """Fold the experts into ``base.weight`` as the policy says; forward then skips them."""
         if self.merged:
             raise RuntimeError("adapter is already merged")
-        if not isinstance(self.policy, WeightedSum):
-            raise RankwiseError(
-                f"cannot merge experts routed by {type(self.policy).__name__}: only a fixed "
-                "weighted sum of experts folds into one weight"
-            )
-        weight = dense_weight(self.base)  # [out, in], a view for Conv1D
-        weight += self.delta_weight().to(weight.dtype)
+        self.policy.merge(self, dense_weight(self.base))  # [out, in], a view for Conv1D
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the update that ``merge`` added, recomputed bit for bit from the factors.
-
-        Restores W to within float rounding of W itself (about 1e-7 relative in fp32).
-        """
+        """Undo ``merge``: W is restored to within float rounding (about 1e-7 relative, fp32)."""
         if not self.merged:
             raise RuntimeError("adapter is not merged")
-        weight = dense_weight(self.base)
-        weight -= self.delta_weight().to(weight.dtype)
+        self.policy.unmerge(self, dense_weight(self.base))
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -219,8 +211,14 @@ class Policy(nn.Module):
     """How a ``LowRankExperts`` layer combines its experts: ``policy(layer, x, gates, y)``.
 
     Returns y (the base output) plus the low-rank term. ``release`` undoes whatever the policy
-    attached outside its layer (a hook on the model, say) when the experts are removed.
+    attached outside its layer (a hook on the model, say) when the experts are removed;
+    ``held`` keeps tensors derived from weights between inference forwards.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # name -> (key of its sources, value); see ``held``
+        self.kept: dict[Hashable, tuple[tuple, Any]] = {}
 
     def forward(
         self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
@@ -229,6 +227,38 @@ class Policy(nn.Module):
 
     def release(self) -> None:
         """Remove what the policy added outside its layer (nothing by default)."""
+
+    def held(self, name: Hashable, make: Callable[[], Any], *sources: torch.Tensor) -> Any:
+        """``make()``: formed at every training forward, kept between inference forwards.
+
+        ``sources`` change only through in-place writes (optimizer steps, loading), which bump
+        their version, so the kept value is formed again after any of them. It is formed as a
+        normal tensor even in inference mode, so a later training forward may still use it
+        (FlyLoRA's frozen A).
+        """
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return make()
+        key = tuple([(t.data_ptr(), t._version) for t in sources])
+        kept = self.kept.get(name)
+        if kept is None or kept[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                kept = self.kept[name] = (key, make())
+        return kept[1]
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """Parameters the policy adds to the layer's adapter (none by default)."""
+        return {}
+
+    def merge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
+        """Fold the experts into ``weight`` ([out, in], in place); only fixed combinations can."""
+        raise RankwiseError(
+            f"cannot merge experts routed by {type(self).__name__}: only a fixed weighted sum "
+            "of experts folds into one weight"
+        )
+
+    def unmerge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
+        """Undo ``merge`` on ``weight`` in place."""
+        raise RankwiseError(f"{type(self).__name__} never merges, so there is nothing to undo")
 
 
 class WeightedSum(Policy):
@@ -244,3 +274,11 @@ class WeightedSum(Policy):
         self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
     ) -> torch.Tensor:
         return layer.gated(x, layer.rank_gate(gates), into)
+
+    def merge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
+        """W += sum_e w_e s_e B_e A_e."""
+        weight += layer.delta_weight().to(weight.dtype)
+
+    def unmerge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
+        """W -= the same update, recomputed bit for bit from the factors."""
+        weight -= layer.delta_weight().to(weight.dtype)

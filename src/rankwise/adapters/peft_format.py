@@ -12,7 +12,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rankwise.adapters.dora import DoRA
 from rankwise.adapters.inject import (
     adaptable_modules,
     expert_layers,
@@ -36,10 +37,12 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
-KEY = re.compile(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight$")
+KEY = re.compile(
+    rf"^{re.escape(PREFIX)}(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"
+)
+PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude"}
 # PEFT options that change the computation in ways plain LoRA does not model.
 UNSUPPORTED = {
-    "use_dora": False,
     "lora_bias": False,
     "bias": "none",
     "modules_to_save": None,
@@ -59,6 +62,8 @@ class LoraWeights:
     # the adapted layers store their weight [in, out] (GPT-2's Conv1D); the factors' shapes are
     # the same either way, only merging into such a base transposes the update
     fan_in_fan_out: bool = False
+    # DoRA's trained magnitude per output row, module -> [out] (empty: a plain LoRA adapter)
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def rank(self, module: str) -> int:
         return self.factors[module][0].shape[0]
@@ -127,11 +132,20 @@ def weights_from_tensors(
         match = KEY.match(key)
         if match is None:
             raise RankwiseError(f"'{source}' holds tensor '{key}', which is not a LoRA A/B weight")
-        pairs.setdefault(match[1], {})[match[2]] = tensor
-    factors = {}
+        pairs.setdefault(match[1], {})[PARTS[match[2]]] = tensor
+    dora = bool(config.get("use_dora", False))
+    factors, magnitudes = {}, {}
     for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise RankwiseError(f"'{source}' has lora_{set('AB') - set(pair)} missing for {module}")
+        missing = {"A", "B"} - set(pair)
+        if missing:
+            raise RankwiseError(f"'{source}' has lora_{missing.pop()} missing for {module}")
+        if ("magnitude" in pair) != dora:
+            raise RankwiseError(
+                f"'{source}': {module} {'has' if 'magnitude' in pair else 'lacks'} a DoRA "
+                f"magnitude vector, but the config sets use_dora={dora}"
+            )
+        if dora:
+            magnitudes[module] = pair["magnitude"]
         a, b = pair["A"], pair["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise RankwiseError(
@@ -153,6 +167,7 @@ def weights_from_tensors(
         dropout=float(config.get("lora_dropout", 0.0)),
         base_model=config.get("base_model_name_or_path"),
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        magnitudes=magnitudes,
     )
 
 
@@ -164,6 +179,8 @@ def write_adapter(weights: LoraWeights, path: str | os.PathLike) -> Path:
     for module, (a, b) in weights.factors.items():
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b.detach().contiguous().cpu()
+    for module, magnitude in weights.magnitudes.items():
+        tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = magnitude.detach().contiguous().cpu()
     atomic_file(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
     text = json.dumps(peft_config(weights), indent=2, sort_keys=True)
     atomic_file(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text))
@@ -190,6 +207,7 @@ def peft_config(weights: LoraWeights) -> dict:
         "alpha_pattern": {m: a for m, a in weights.alphas.items() if a != alpha},
         "target_modules": modules,
         "use_rslora": weights.use_rslora,
+        "use_dora": bool(weights.magnitudes),
         "lora_dropout": weights.dropout,
         "bias": "none",
         "fan_in_fan_out": weights.fan_in_fan_out,
@@ -219,6 +237,12 @@ def check_compatible(model: nn.Module, weights: LoraWeights, source: str = "adap
                 f"(weight {[fan_out, fan_in]}); "
                 f"it was trained for {weights.base_model or 'another base model'}"
             )
+        magnitude = weights.magnitudes.get(module)
+        if magnitude is not None and list(magnitude.shape) != [fan_out]:
+            raise RankwiseError(
+                f"{source} does not fit this model at '{module}': its DoRA magnitude has shape "
+                f"{list(magnitude.shape)}, but the layer needs [{fan_out}]"
+            )
 
 
 @torch.no_grad()
@@ -232,25 +256,35 @@ def attach_adapters(
     """
     for i, weights in enumerate(adapters):
         check_compatible(model, weights, f"adapter {names[i] if names else i}")
+    if len(adapters) > 1 and any(w.magnitudes for w in adapters):
+        raise RankwiseError(
+            "DoRA adapters attach one at a time: their magnitudes rescale the whole layer, so "
+            "they cannot be experts beside other adapters"
+        )
     modules = list(dict.fromkeys(m for w in adapters for m in w.factors))
     specs = {
         m: [w.expert(m) if m in w.factors else ExpertSpec(0, 1.0) for w in adapters]
         for m in modules
     }
     layers = inject_experts(model, specs)
+    for module, magnitude in adapters[0].magnitudes.items() if adapters else ():
+        layers[module].policy = DoRA(layers[module], magnitude)
     copy_factors(layers, adapters)
     return layers
 
 
 @torch.no_grad()
 def copy_factors(layers: dict[str, LowRankExperts], adapters: Sequence[LoraWeights]) -> None:
-    """Copy adapter e's factors into expert e of every layer the adapter has weights for."""
+    """Copy adapter e's factors into expert e of every layer the adapter has weights for
+    (and a DoRA adapter's magnitudes into its layers' DoRA policies)."""
     for module, layer in layers.items():
         for e, weights in enumerate(adapters):
             if module in weights.factors:
                 a, b = layer.expert_factors(e)
                 a.copy_(weights.factors[module][0])
                 b.copy_(weights.factors[module][1])
+            if module in weights.magnitudes:
+                layer.adapter_params()["lora_magnitude_vector"].copy_(weights.magnitudes[module])
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, LowRankExperts]:
@@ -266,6 +300,7 @@ def weights_from_model(
     if not layers:
         raise RankwiseError("the model has no adapters to save")
     factors, alphas, rslora, dropouts, transposed = {}, {}, set(), set(), False
+    magnitudes = {}
     for name, layer in layers.items():
         spec = layer.experts[expert]
         if spec.rank == 0:
@@ -276,9 +311,14 @@ def weights_from_model(
         rslora.add(spec.use_rslora)
         dropouts.add(spec.dropout)
         transposed |= layer.fan_in_fan_out
+        params = layer.adapter_params()
+        if "lora_magnitude_vector" in params:
+            magnitudes[name] = params["lora_magnitude_vector"].detach().clone()
     if len(rslora) > 1:
         raise RankwiseError("PEFT's format needs one use_rslora setting for the whole adapter")
-    return LoraWeights(factors, alphas, rslora.pop(), max(dropouts), base_model, transposed)
+    return LoraWeights(
+        factors, alphas, rslora.pop(), max(dropouts), base_model, transposed, magnitudes
+    )
 
 
 def save_adapter(

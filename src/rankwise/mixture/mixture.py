@@ -54,6 +54,11 @@ class Mixture:
         params = [p for layer in self.layers.values() for p in layer.policy.trainable(layer)]
         return params + list(self.head.parameters())
 
+    def up_factors(self) -> list[nn.Parameter]:
+        """The B factors the routers train (LoRA+ gives them a larger learning rate)."""
+        trained = {id(p) for p in self.parameters()}
+        return [layer.lora_B for layer in self.layers.values() if id(layer.lora_B) in trained]
+
     def aux_loss(self) -> torch.Tensor:
         """The routers' auxiliary loss of the last forward (zero on the model's device if none)."""
         loss = ROUTERS[self.router].aux_loss(self.routers)

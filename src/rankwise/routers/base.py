@@ -9,9 +9,8 @@ Routers keep their last gates (``last_gates``, detached, [..., E]) so that
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -44,8 +43,6 @@ class Router(Policy):
     def __init__(self) -> None:
         super().__init__()
         self.gates_kept: tuple[torch.Tensor, torch.Size] | None = None  # see ``keep_gates``
-        # name (read's: x's dtype) -> (key of its sources, value); see ``held``
-        self.kept: dict[Hashable, tuple[tuple, Any]] = {}
 
     def read(
         self, layer: LowRankExperts, x: torch.Tensor, *maps: nn.Linear, down: bool = True
@@ -78,23 +75,6 @@ class Router(Policy):
             return None
         gates, lead = self.gates_kept
         return gates.view(*lead, -1)
-
-    def held(self, name: Hashable, make: Callable[[], Any], *sources: torch.Tensor) -> Any:
-        """``make()``: formed at every training forward, kept between inference forwards.
-
-        ``sources`` change only through in-place writes (optimizer steps, loading), which bump
-        their version, so the kept value is formed again after any of them. It is formed as a
-        normal tensor even in inference mode, so a later training forward may still use it
-        (FlyLoRA's frozen A).
-        """
-        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-            return make()
-        key = tuple([(t.data_ptr(), t._version) for t in sources])
-        kept = self.kept.get(name)
-        if kept is None or kept[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                kept = self.kept[name] = (key, make())
-        return kept[1]
 
     @classmethod
     def layer_specs(cls, model: nn.Module, options: Options) -> dict[str, list[ExpertSpec]]:

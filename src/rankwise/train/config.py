@@ -49,6 +49,11 @@ class RunConfig(ModelOptions):
     batch_size: int = option(8, "examples per micro-batch per process", within=POSITIVE)
     grad_accum: int = option(1, "micro-batches per optimizer step", within=POSITIVE)
     lr: float = option(2e-4, "peak learning rate of AdamW", within="(0, inf)")
+    loraplus_lr_ratio: float = option(
+        1.0,
+        "LoRA+: the B factors learn this many times faster than lr (arXiv 2402.12354)",
+        within="(0, inf)",
+    )
     weight_decay: float = option(0.0, "AdamW's decoupled weight decay", within="[0, inf)")
     warmup_steps: int = option(20, "linear warm-up from 0 to lr", within="[0, inf)")
     schedule: str = option("cosine", "decay after warm-up", choices=SCHEDULES)

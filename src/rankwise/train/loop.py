@@ -103,7 +103,11 @@ def train(
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(trainable, config.loraplus_lr_ratio),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
     examples, skipped = build_examples(config.data, tokenizer, config, "train", world)
     spec = validation_spec(config)
     val_examples = build_examples(spec, tokenizer, config, "validation", world)[0] if spec else []
@@ -133,7 +137,7 @@ def train(
     for step in range(start_step, config.max_steps):
         lr = learning_rate(step, config.lr, config.warmup_steps, config.max_steps, config.schedule)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         batch = [examples[i] for i in batch_indices(step, global_batch, len(examples), config.seed)]
         loss_total, tokens = accumulate_gradients(forward, trainable, batch, config, world, pad_id)
         # (a device scalar: its .item() below is the step's one synchronisation)
@@ -189,6 +193,24 @@ def train(
         tokens_seen / max(elapsed, 1e-9),
         elapsed,
     )
+
+
+def parameter_groups(trainable: Trainable, loraplus_ratio: float) -> list[dict]:
+    """AdamW's parameter groups, each with its ``lr_scale`` (the schedule's lr times it).
+
+    One group, or with LoRA+ (ratio != 1) the B factors in a second group at ``ratio`` times
+    the learning rate of everything else (A, DoRA's magnitudes, routers), as the paper and
+    PEFT's ``create_loraplus_optimizer`` do.
+    """
+    params = trainable.parameters()
+    if loraplus_ratio == 1:
+        return [{"params": params, "lr_scale": 1.0}]
+    ups = {id(p) for p in trainable.up_factors()}
+    groups = [
+        {"params": [p for p in params if id(p) not in ups], "lr_scale": 1.0},
+        {"params": [p for p in params if id(p) in ups], "lr_scale": loraplus_ratio},
+    ]
+    return [group for group in groups if group["params"]]
 
 
 def accumulate_gradients(

@@ -25,6 +25,10 @@ class Trainable(Protocol):
         """The parameters the optimizer updates."""
         ...
 
+    def up_factors(self) -> list[torch.nn.Parameter]:
+        """The trained B factors among them (LoRA+ gives them a larger learning rate)."""
+        ...
+
     def aux_loss(self) -> torch.Tensor:
         """An extra loss of the last forward (a zero tensor when there is none)."""
         ...
@@ -52,6 +56,9 @@ class LoraAdapter:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.layers.values() for p in layer.adapter_params().values()]
+
+    def up_factors(self) -> list[torch.nn.Parameter]:
+        return [layer.lora_B for layer in self.layers.values()]
 
     def aux_loss(self) -> torch.Tensor:
         return torch.zeros((), device=self.device)

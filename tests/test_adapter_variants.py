@@ -1,0 +1,184 @@
+"""DoRA and LoRA+ against PEFT: the same logits, gradients and optimizer updates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from architectures import ARCHITECTURES, tiny_model
+
+from rankwise.adapters import (
+    LoraConfig,
+    expert_layers,
+    inject_adapter,
+    load_adapter,
+    merge_experts,
+    read_adapter,
+    save_adapter,
+    unmerge_experts,
+)
+from rankwise.adapters.dora import DoRA
+from rankwise.errors import RankwiseError
+from rankwise.train.loop import parameter_groups
+from rankwise.train.trainable import LoraAdapter
+
+TOKENS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def dora_model(arch: str, seed: int = 1) -> torch.nn.Module:
+    """A rank-4 DoRA adapter on every linear layer, B random and magnitudes off ||W||."""
+    model = tiny_model(arch)
+    torch.manual_seed(seed)
+    for layer in inject_adapter(model, LoraConfig(r=4, lora_alpha=8, use_dora=True)).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+        with torch.no_grad():
+            layer.policy.magnitude.mul_(1 + 0.1 * torch.randn_like(layer.policy.magnitude))
+    return model
+
+
+def peft_dora(arch: str) -> torch.nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = PeftLoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, init_lora_weights=False
+    )
+    model = get_peft_model(tiny_model(arch), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "magnitude" in name:
+                param.mul_(1 + 0.1 * torch.randn_like(param))
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_dora_adapters_move_between_peft_and_rankwise_with_the_same_logits(arch, tmp_path):
+    from peft import PeftModel
+
+    theirs = peft_dora(arch).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = tiny_model(arch)
+    load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        assert (ours(TOKENS).logits - theirs(input_ids=TOKENS).logits).abs().max() < 1e-5
+    mine = dora_model(arch)
+    save_adapter(mine, tmp_path / "ours")
+    assert read_adapter(tmp_path / "ours").magnitudes
+    loaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (loaded(input_ids=TOKENS).logits - mine(TOKENS).logits).abs().max() < 1e-5
+
+
+def test_dora_gradients_equal_peft(tmp_path):
+    """In training mode (no dropout) both give the same loss and the same gradients for A, B
+    and the magnitude: the row norm is a constant of the forward in both."""
+    theirs = peft_dora("qwen2")
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = tiny_model("qwen2")
+    layers = load_adapter(ours, tmp_path / "peft")
+    for layer in layers.values():
+        layer.requires_grad_(True)
+        layer.base.requires_grad_(False)
+    ours.train(), theirs.train()
+    ours(input_ids=TOKENS, labels=TOKENS).loss.backward()
+    theirs(input_ids=TOKENS, labels=TOKENS).loss.backward()
+    peft_grads = {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    for name, layer in layers.items():
+        prefix = f"base_model.model.{name}"
+        pairs = {
+            "lora_A": f"{prefix}.lora_A.default.weight",
+            "lora_B": f"{prefix}.lora_B.default.weight",
+            "lora_magnitude_vector": f"{prefix}.lora_magnitude_vector.default.weight",
+        }
+        for key, param in layer.adapter_params().items():
+            torch.testing.assert_close(param.grad, peft_grads[pairs[key]], atol=1e-6, rtol=1e-4)
+
+
+def test_dora_starts_at_the_base_model_and_merges_exactly():
+    model = tiny_model("llama")
+    base = model(TOKENS).logits
+    layers = inject_adapter(model, LoraConfig(r=4, use_dora=True))
+    torch.testing.assert_close(model(TOKENS).logits, base, atol=1e-6, rtol=0)  # m = ||W||, BA = 0
+    model = dora_model("gpt2")
+    before = model(TOKENS).logits
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    merge_experts(model)
+    torch.testing.assert_close(model(TOKENS).logits, before, atol=1e-5, rtol=1e-5)
+    unmerge_experts(model)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, weights[name], atol=1e-6, rtol=1e-5)
+    assert all(isinstance(layer.policy, DoRA) for layer in layers.values())
+
+
+def test_dora_norm_from_rank_space_equals_the_dense_norm():
+    model = dora_model("phi3")
+    for layer in expert_layers(model).values():
+        dense = layer.base.weight + layer.delta_weight()
+        torch.testing.assert_close(
+            layer.policy.weight_norm(layer), dense.norm(dim=1), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_dora_adapters_do_not_stack_as_experts(tmp_path):
+    from rankwise.adapters import attach_adapters
+
+    save_adapter(dora_model("llama"), tmp_path / "d")
+    weights = read_adapter(tmp_path / "d")
+    with pytest.raises(RankwiseError, match="DoRA adapters attach one at a time"):
+        attach_adapters(tiny_model("llama"), [weights, weights])
+
+
+def test_loraplus_updates_equal_peft():
+    """One AdamW step with LoRA+ (ratio 16) moves A and B exactly as PEFT's LoRA+ optimizer."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    peft_model = get_peft_model(
+        tiny_model("llama"),
+        PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    torch.nn.init.normal_(
+        peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    )
+    theirs = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    ours_model = tiny_model("llama")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+    class Config:  # what LoraAdapter reads of a training config
+        def lora(self):
+            return config
+
+    trainable = LoraAdapter(ours_model, Config())
+    peft_state = {
+        k.replace("base_model.model.", "").replace(".default", ""): v
+        for k, v in peft_model.state_dict().items()
+        if "lora" in k
+    }
+    with torch.no_grad():
+        for name, layer in trainable.layers.items():
+            layer.lora_A.copy_(peft_state[f"{name}.lora_A.weight"])
+            layer.lora_B.copy_(peft_state[f"{name}.lora_B.weight"])
+    groups = parameter_groups(trainable, 16.0)
+    for group in groups:
+        group["lr"] = 1e-3 * group["lr_scale"]
+    ours = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)  # PEFT: loraplus_weight_decay 0
+    for model, optimizer in ((peft_model, theirs), (ours_model, ours)):
+        model(input_ids=TOKENS, labels=TOKENS).loss.backward()
+        optimizer.step()
+    after = {
+        k.replace("base_model.model.", "").replace(".default", ""): v
+        for k, v in peft_model.state_dict().items()
+        if "lora" in k
+    }
+    for name, layer in trainable.layers.items():
+        torch.testing.assert_close(layer.lora_A, after[f"{name}.lora_A.weight"])
+        torch.testing.assert_close(layer.lora_B, after[f"{name}.lora_B.weight"])
+    assert [g["lr_scale"] for g in groups] == [1.0, 16.0]
