@@ -169,13 +169,13 @@ def decode_table(args, loaded, folder: Path, names: list[str]) -> tuple[str, dic
     rates: dict[str, list[float]] = {key: [] for key in variants}
     for r in range(args.rounds):
         for key, batch in variants.items():
-            engines[32][0].policy.set_strategy(strategies.get(key, "auto"))
+            engines[32][0].planner.set_strategy(strategies.get(key, "auto"))
             start = time.perf_counter()
             for _ in range(args.steps):
                 batch.step()
             rates[key].append(BATCH * args.steps / (time.perf_counter() - start))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()))
-    engines[32][0].policy.set_strategy("auto")
+    engines[32][0].planner.set_strategy("auto")
     bases = [max(a, b) for a, b in zip(rates["base/engine"], rates["base/hf"], strict=True)]
 
     def rate(key: str) -> str:

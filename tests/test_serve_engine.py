@@ -11,7 +11,7 @@ from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.adapters.peft_format import attach_adapters
 from rankwise.serve.engine import Engine, EngineConfig, GenerationRequest, Overloaded, UnknownModel
 from rankwise.serve.kv import swap_remove
-from rankwise.serve.policy import plan_auto
+from rankwise.serve.plans import plan_auto
 from rankwise.serve.text import TextStream
 
 TOKENIZER = tiny_tokenizer()
@@ -164,7 +164,7 @@ def test_register_validates_against_the_base_model():
     with pytest.raises(RankwiseError, match="does not fit this model"):
         engine.register("bad", random_adapter(other, 0, targets=("q_proj",)))
     with pytest.raises(RankwiseError, match="max rank 8"):
-        engine.register("big", random_adapter(engine.model, 0, rank=16))
+        engine.register("big", random_adapter(tiny_model(len(TOKENIZER)), 0, rank=16))
     assert "bad" not in engine.adapters and "big" not in engine.adapters
 
 
@@ -220,7 +220,7 @@ def test_auto_plan_splits_by_cost_and_matches_per_token_products(slots, kinds):
     with torch.no_grad():
         layer.lora_A[:4].zero_()
         layer.lora_B[:, :4].zero_()  # slot 0: the bare base model
-    plan = plan_auto(slots, 3)
+    plan = plan_auto(slots, 3, torch.device("cpu"))
     assert [type(p).__name__ for p in getattr(plan, "parts", [])] == kinds
     x = torch.randn(len(slots), 3, 12)
     a, bt = layer.lora_A.view(8, 4, 12), layer.lora_B.T.view(8, 4, 10)

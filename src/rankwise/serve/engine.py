@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from rankwise.adapters.peft_format import LoraWeights, check_compatible
+from rankwise.adapters.peft_format import LoraWeights
 from rankwise.errors import RankwiseError
 from rankwise.serve.kv import SlabCache, prefill_mask, swap_remove
-from rankwise.serve.policy import AdapterBatch
+from rankwise.serve.plans import Planner
 from rankwise.serve.slots import HostAdapter, SlotPool
 from rankwise.serve.text import TextStream
 
@@ -52,7 +52,7 @@ class EngineConfig:
     max_prompt_tokens: int = 2048  # longest prompt accepted
     max_new_tokens: int = 1024  # largest max_tokens accepted
     prefill_tokens: int = 2048  # padded prompt tokens prefilled per step (at least one prompt)
-    strategy: str = "auto"  # how a mixed batch's low-rank term is computed (serve.policy)
+    strategy: str = "auto"  # how a mixed batch's low-rank term is computed (serve.plans)
 
 
 @dataclass
@@ -134,9 +134,9 @@ class Engine:
         self.eos = eos_ids(model, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.dtype = next(model.parameters()).dtype
-        self.policy = AdapterBatch(config.max_rank, config.strategy)
+        self.planner = Planner(next(model.parameters()).device, config.strategy)
         self.pool = SlotPool(
-            model, self.policy, (config.hot_slots or config.max_batch) + 1, config.max_rank
+            model, self.planner, (config.hot_slots or config.max_batch) + 1, config.max_rank
         )
         self.cache = SlabCache(model.config.num_hidden_layers, config.max_batch)
         self.adapters: dict[str, HostAdapter] = {}
@@ -161,7 +161,7 @@ class Engine:
             )
         adapter = HostAdapter.fold(name, weights)
         with self.lock:
-            check_compatible(self.model, weights, f"adapter '{name}'")
+            self.pool.check(weights, f"adapter '{name}'")
             self.pool.wrap(adapter)
             old = self.adapters.get(name)
             self.adapters[name] = adapter
@@ -354,16 +354,16 @@ class Engine:
             ids[i, width - len(prompt) :] = torch.tensor(prompt)
             valid[i, width - len(prompt) :] = True
         positions = (valid.cumsum(1) - 1).clamp(min=0)
-        self.policy.set_batch([s.slot for s in seqs], width)
         cache = DynamicCache()
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=prefill_mask(valid, self.dtype),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        with self.planner.forward([s.slot for s in seqs], width):
+            logits = self.model(
+                input_ids=ids,
+                attention_mask=prefill_mask(valid, self.dtype),
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
         done = self.advance(seqs, logits)
         keep = [i for i in range(len(seqs)) if i not in done]
         for i in done:
@@ -380,15 +380,15 @@ class Engine:
         ids = torch.tensor([[s.tokens[-1]] for s in self.running])
         positions = torch.tensor([[s.position] for s in self.running])
         mask = self.cache.decode_mask(self.dtype)
-        self.policy.set_batch([s.slot for s in self.running], 1)
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        with self.planner.forward([s.slot for s in self.running], 1):
+            logits = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
         self.cache.advance(1)
         self.leave(self.advance(self.running, logits))
 
