@@ -9,9 +9,10 @@ from test_serve_support import random_adapter, tiny_model, tiny_tokenizer
 from rankwise import RankwiseError
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.adapters.peft_format import attach_adapters
-from rankwise.serve.engine import Engine, EngineConfig, GenerationRequest, Overloaded, UnknownModel
+from rankwise.serve.engine import Engine, EngineConfig
 from rankwise.serve.kv import swap_remove
 from rankwise.serve.plans import plan_auto
+from rankwise.serve.requests import GenerationRequest, Overloaded, UnknownModel
 from rankwise.serve.text import TextStream
 
 TOKENIZER = tiny_tokenizer()

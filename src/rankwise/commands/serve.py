@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> None:
 
     from rankwise.serve.api import Api
     from rankwise.serve.folder import AdapterFolder, largest_rank
+    from rankwise.serve.worker import EngineThread
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     for flag, least in MINIMUMS.items():
@@ -141,17 +142,18 @@ def run(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
     )
     engine = Engine(loaded.model, loaded.tokenizer, config)
+    worker = EngineThread(engine)
     folder = AdapterFolder(args.adapters, engine, loaded.name)
     folder.scan()
 
     def start() -> None:
-        engine.start()
+        worker.start()
         if args.scan_interval > 0:
             folder.watch(args.scan_interval)
 
     def stop() -> None:
         folder.stop()
-        engine.stop()
+        worker.stop()
 
     app = Api(engine, folder, loaded.name).app(args.api_key, start, stop)
     server = uvicorn.Server(

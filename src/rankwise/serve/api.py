@@ -28,9 +28,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rankwise.errors import RankwiseError
-from rankwise.serve.engine import (
+from rankwise.serve.engine import Engine
+from rankwise.serve.folder import AdapterFolder
+from rankwise.serve.requests import (
     Chunk,
-    Engine,
     Event,
     Failure,
     GenerationRequest,
@@ -39,7 +40,6 @@ from rankwise.serve.engine import (
     Ticket,
     UnknownModel,
 )
-from rankwise.serve.folder import AdapterFolder
 from rankwise.serve.schemas import AddAdapter, ChatBody, CompletionBody, Sampling
 
 log = logging.getLogger("rankwise.serve")
