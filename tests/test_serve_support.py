@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rankwise.adapters.inject import adaptable_modules
 from rankwise.adapters.peft_format import LoraWeights, write_adapter
+from rankwise.architectures import is_transposed, linear_shape
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 CHAT_TEMPLATE = (
@@ -58,20 +59,28 @@ def random_adapter(
     model: torch.nn.Module,
     seed: int,
     rank: int = 4,
-    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    targets: tuple[str, ...] | None = ("q_proj", "v_proj"),
     rank_pattern: dict[str, int] | None = None,
     alpha: float = 8.0,
 ) -> LoraWeights:
-    """A LoRA adapter with random A and B (B non-zero, so it changes the output)."""
+    """A LoRA adapter with random A and B (B non-zero, so it changes the output).
+
+    ``targets`` are module kinds (q_proj, c_attn, ...); None adapts every linear layer.
+    """
     gen = torch.Generator().manual_seed(seed)
     factors = {}
     for name, linear in adaptable_modules(model).items():
-        if name.rpartition(".")[2] in targets:
-            r = (rank_pattern or {}).get(name.rpartition(".")[2], rank)
-            a = torch.randn(r, linear.in_features, generator=gen) / linear.in_features**0.5
-            b = torch.randn(linear.out_features, r, generator=gen) * 0.5
+        kind = name.rpartition(".")[2]
+        if targets is None or kind in targets:
+            r = (rank_pattern or {}).get(kind, rank)
+            fan_in, fan_out = linear_shape(linear)
+            a = torch.randn(r, fan_in, generator=gen) / fan_in**0.5
+            b = torch.randn(fan_out, r, generator=gen) * 0.5
             factors[name] = (a, b)
-    return LoraWeights(factors, {m: alpha for m in factors}, base_model="tiny")
+    transposed = any(is_transposed(m) for m in adaptable_modules(model).values())
+    return LoraWeights(
+        factors, {m: alpha for m in factors}, base_model="tiny", fan_in_fan_out=transposed
+    )
 
 
 def write_tiny_model(folder: Path) -> LlamaForCausalLM:

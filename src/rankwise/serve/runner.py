@@ -17,9 +17,15 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
 
+from rankwise.architectures import attention_windows
+from rankwise.errors import RankwiseError
 from rankwise.serve.kv import SlabCache
-from rankwise.serve.masks import decode_mask, prefill_mask
+from rankwise.serve.masks import decode_masks, prefill_masks
 from rankwise.serve.plans import Planner
+
+# Attention implementations that take the engine's 4-D additive masks as they are (flash and
+# flex attention take other mask forms, which would silently drop padding and windows).
+MASKED_ATTENTION = ("eager", "sdpa")
 
 
 @dataclass
@@ -34,6 +40,14 @@ class Runner:
     """The model's forwards over the running batch, whose cache it owns."""
 
     def __init__(self, model: PreTrainedModel, planner: Planner, max_rows: int, pad: int):
+        attention = model.config._attn_implementation
+        if attention not in MASKED_ATTENTION:
+            raise RankwiseError(
+                f"serving passes its own 4-D attention masks, which the {attention} implementation "
+                f"does not take; load the model with attn_implementation="
+                f"{' or '.join(MASKED_ATTENTION)}"
+            )
+        self.windows = attention_windows(model.config)
         self.model, self.planner, self.pad = model, planner, pad
         self.device = planner.device  # the model's, as every tensor of a forward
         self.dtype = next(model.parameters()).dtype  # of the additive masks
@@ -60,7 +74,7 @@ class Runner:
             slots,
             cache,
             input_ids=ids,
-            attention_mask=prefill_mask(valid, self.dtype),
+            attention_mask=prefill_masks(valid, self.dtype, self.windows),
             position_ids=positions,
         )
         return logits, Prefilled(cache, valid)
@@ -80,7 +94,7 @@ class Runner:
             slots,
             self.cache,
             input_ids=torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None],
-            attention_mask=decode_mask(valid, self.dtype),
+            attention_mask=decode_masks(valid, self.dtype, self.windows),
             position_ids=torch.tensor(positions, dtype=torch.long, device=self.device)[:, None],
         )
         self.cache.advance(1)
