@@ -1,8 +1,14 @@
-"""Builders shared by the serving tests: a tiny character-level model and random adapters."""
+"""Builders shared by the serving tests: a tiny character-level model, random adapters and a
+live ``rankwise serve`` subprocess."""
 
 from __future__ import annotations
 
+import signal
 import string
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -101,3 +107,47 @@ def write_adapters(folder: Path, model: torch.nn.Module, count: int) -> list[str
         write_adapter(weights, folder / f"a{i}")
         names.append(f"a{i}")
     return names
+
+
+class Server:
+    """A ``rankwise serve`` subprocess and its base URL."""
+
+    def __init__(self, root: Path, *flags: str):
+        command = [
+            sys.executable,
+            "-m",
+            "rankwise.commands.serve",
+            "--model",
+            str(root / "model"),
+            "--adapters",
+            str(root / "adapters"),
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            "--threads",
+            "1",
+            *flags,
+        ]
+        self.log = root / f"server-{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True
+        )
+        timer = threading.Timer(60, self.proc.kill)  # never hang the test run on a bad start
+        timer.start()
+        line = self.proc.stdout.readline()
+        timer.cancel()
+        assert "http://" in line, f"server did not start: {line!r} {self.log.read_text()}"
+        self.url = line.strip().rsplit(" ", 1)[-1]
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

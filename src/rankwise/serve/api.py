@@ -2,9 +2,9 @@
 
 ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` (streamed as server-sent events
 or not) pick the adapter by the ``model`` field: the base model's name means no adapter.
-``/admin/adapters`` (``admin``) lists, adds and removes adapters. Every error is OpenAI-shaped
-JSON (``http_errors``). With an API key every endpoint needs ``Authorization: Bearer KEY``
-(``auth``).
+``/admin/adapters`` (``admin``) lists, adds and removes adapters; ``/health`` says how many
+requests run and wait. Every error is OpenAI-shaped JSON (``http_errors``). With an API key
+every endpoint needs ``Authorization: Bearer KEY`` (``auth``).
 """
 
 from __future__ import annotations
@@ -92,7 +92,10 @@ class Api:
         return cards
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        engine = self.engine
+        return JSONResponse(
+            {"status": "ok", "running": len(engine.running), "waiting": len(engine.queue.waiting)}
+        )
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": self.model_cards()})
