@@ -97,11 +97,11 @@ class SlabCache(Cache):
             self.clear()
             return
         cols = slice(w.lo, w.hi)
-        moved = [(dst, src) for dst, src in enumerate(rows) if dst != src]
+        moved = [i for i, row in enumerate(rows) if i != row]  # the places that change row
         if moved:
             device = self.valid.device
-            dst = torch.tensor([d for d, _ in moved], dtype=torch.long, device=device)
-            src = torch.tensor([s for _, s in moved], dtype=torch.long, device=device)
+            dst = torch.tensor(moved, dtype=torch.long, device=device)
+            src = torch.tensor([rows[i] for i in moved], dtype=torch.long, device=device)
             for layer in self.layers:
                 if layer.keys is not None:
                     layer.keys[dst, :, cols] = layer.keys[src, :, cols]

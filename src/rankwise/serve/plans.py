@@ -262,13 +262,13 @@ class Planner:
         self.build = STRATEGIES[strategy]
 
     @contextmanager
-    def forward(self, slots: Sequence[int], tokens: int) -> Iterator[Plan]:
-        """The plan for one forward whose input is [len(slots), tokens], slots[i] sequence i's."""
+    def forward(self, slots: Sequence[int], tokens: int) -> Iterator[None]:
+        """Hold the plan of one forward whose input is [len(slots), tokens], slots[i] row i's."""
         if self.plan is not None:
             raise RuntimeError("a forward is already running on these slot layers")
         self.plan = self.build(slots, tokens, self.device)
         try:
-            yield self.plan
+            yield
         finally:
             self.plan = None
 
