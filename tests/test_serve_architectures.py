@@ -11,7 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from architectures import ARCHITECTURES, WINDOW, save_tiny_model, tiny_model, word_tokenizer
-from test_serve_support import random_adapter
+from test_serve_support import (  # one_thread: an autouse fixture
+    greedy_text,
+    one_thread,  # noqa: F401
+    random_adapter,
+)
 
 from rankwise import RankwiseError
 from rankwise.adapters.peft_format import attach_adapters, write_adapter
@@ -24,14 +28,6 @@ PROMPTS = [[1, 5, 6], [1, *range(10, 22)], [1, *range(30, 50)]]  # 3, 13 and 21 
 ADAPTERS = (None, 0, 1)  # the base model and two adapters on every linear layer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def adapters(arch: str) -> list:
     return [random_adapter(tiny_model(arch), seed, targets=None) for seed in (20, 21)]
 
@@ -41,15 +37,7 @@ def reference(arch: str, adapter: int | None, prompt: list[int], n: int) -> str:
     model = tiny_model(arch)
     if adapter is not None:
         attach_adapters(model, [adapters(arch)[adapter]])
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return TOKENIZER.decode(out[0, len(prompt) :], skip_special_tokens=True)
+    return greedy_text(model, TOKENIZER, prompt, n)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -103,8 +91,4 @@ def test_the_adapter_folder_serves_conv1d_adapters(tmp_path):
     text = engine.generate([GenerationRequest(prompt, "fits", max_tokens=5, ignore_eos=True)])
     expected = tiny_model("gpt2")
     attach_adapters(expected, [random_adapter(tiny_model("gpt2"), 1, targets=("c_attn", "c_fc"))])
-    with torch.no_grad():
-        out = expected.generate(
-            torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=None
-        )
-    assert text == [TOKENIZER.decode(out[0, len(prompt) :], skip_special_tokens=True)]
+    assert text == [greedy_text(expected, TOKENIZER, prompt, 5)]

@@ -16,9 +16,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-from test_serve_support import random_adapter, tiny_model, tiny_tokenizer
+from test_serve_support import (  # one_thread: an autouse fixture
+    one_thread,  # noqa: F401
+    random_adapter,
+    tiny_model,
+    tiny_tokenizer,
+)
 from torch.overrides import TorchFunctionMode
 
 import rankwise.serve
@@ -75,14 +79,6 @@ def workload() -> tuple[Engine, list[GenerationRequest]]:
         for i in range(6)
     ]
     return engine, requests
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_tensor_the_engine_makes_names_the_models_device():

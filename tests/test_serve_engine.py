@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_serve_support import random_adapter, tiny_model, tiny_tokenizer
+from test_serve_support import (  # one_thread: an autouse fixture
+    greedy_text,
+    one_thread,  # noqa: F401
+    random_adapter,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 from rankwise import RankwiseError
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
@@ -64,24 +70,7 @@ def reference(adapter: int | None, prompt: list[int], n: int) -> str:
     model = tiny_model(len(TOKENIZER))
     if adapter is not None:
         attach_adapters(model, [adapters(model)[adapter]])
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=2,
-        )
-    return TOKENIZER.decode(out[0, len(prompt) :], skip_special_tokens=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many small ops: one thread avoids thread wake-ups (15x faster on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return greedy_text(model, TOKENIZER, prompt, n)
 
 
 MIXED = [request(i, None if i % 6 == 5 else f"a{i % 5}") for i in range(8)]
