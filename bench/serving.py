@@ -41,7 +41,8 @@ from common import machine, markdown_table, write_section  # noqa: E402
 from rankwise.adapters.inject import adaptable_modules, module_kinds  # noqa: E402
 from rankwise.adapters.peft_format import LoraWeights, read_adapter, write_adapter  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
-from rankwise.serve.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
+from rankwise.serve.engine import Engine, EngineConfig  # noqa: E402
+from rankwise.serve.requests import GenerationRequest  # noqa: E402
 
 BATCH, RANK, REGISTERED = 32, 16, 128
 KEY = "bench-key"
@@ -77,7 +78,7 @@ class EngineBatch:
         for p, n in zip(self.prompts, self.names, strict=True):
             request = GenerationRequest(p, n, max_tokens=length, ignore_eos=True)
             self.engine.submit(request, lambda e: None)
-        while self.engine.waiting:
+        while self.engine.queue.waiting:
             self.engine.step()
 
     def step(self) -> None:
@@ -169,13 +170,13 @@ def decode_table(args, loaded, folder: Path, names: list[str]) -> tuple[str, dic
     rates: dict[str, list[float]] = {key: [] for key in variants}
     for r in range(args.rounds):
         for key, batch in variants.items():
-            engines[32][0].policy.set_strategy(strategies.get(key, "auto"))
+            engines[32][0].planner.set_strategy(strategies.get(key, "auto"))
             start = time.perf_counter()
             for _ in range(args.steps):
                 batch.step()
             rates[key].append(BATCH * args.steps / (time.perf_counter() - start))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()))
-    engines[32][0].policy.set_strategy("auto")
+    engines[32][0].planner.set_strategy("auto")
     bases = [max(a, b) for a, b in zip(rates["base/engine"], rates["base/hf"], strict=True)]
 
     def rate(key: str) -> str:

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_serve_support import random_adapter, tiny_model, tiny_tokenizer
+from test_serve_support import (  # one_thread: an autouse fixture
+    greedy_text,
+    one_thread,  # noqa: F401
+    random_adapter,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 from rankwise import RankwiseError
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.adapters.peft_format import attach_adapters
-from rankwise.serve.engine import Engine, EngineConfig, GenerationRequest, Overloaded, UnknownModel
+from rankwise.serve.engine import Engine, EngineConfig
 from rankwise.serve.kv import swap_remove
-from rankwise.serve.policy import plan_auto
+from rankwise.serve.plans import plan_auto
+from rankwise.serve.requests import GenerationRequest, Overloaded, UnknownModel
 from rankwise.serve.text import TextStream
 
 TOKENIZER = tiny_tokenizer()
@@ -63,24 +70,7 @@ def reference(adapter: int | None, prompt: list[int], n: int) -> str:
     model = tiny_model(len(TOKENIZER))
     if adapter is not None:
         attach_adapters(model, [adapters(model)[adapter]])
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=2,
-        )
-    return TOKENIZER.decode(out[0, len(prompt) :], skip_special_tokens=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many small ops: one thread avoids thread wake-ups (15x faster on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return greedy_text(model, TOKENIZER, prompt, n)
 
 
 MIXED = [request(i, None if i % 6 == 5 else f"a{i % 5}") for i in range(8)]
@@ -164,7 +154,7 @@ def test_register_validates_against_the_base_model():
     with pytest.raises(RankwiseError, match="does not fit this model"):
         engine.register("bad", random_adapter(other, 0, targets=("q_proj",)))
     with pytest.raises(RankwiseError, match="max rank 8"):
-        engine.register("big", random_adapter(engine.model, 0, rank=16))
+        engine.register("big", random_adapter(tiny_model(len(TOKENIZER)), 0, rank=16))
     assert "bad" not in engine.adapters and "big" not in engine.adapters
 
 
@@ -220,7 +210,7 @@ def test_auto_plan_splits_by_cost_and_matches_per_token_products(slots, kinds):
     with torch.no_grad():
         layer.lora_A[:4].zero_()
         layer.lora_B[:, :4].zero_()  # slot 0: the bare base model
-    plan = plan_auto(slots, 3)
+    plan = plan_auto(slots, 3, torch.device("cpu"))
     assert [type(p).__name__ for p in getattr(plan, "parts", [])] == kinds
     x = torch.randn(len(slots), 3, 12)
     a, bt = layer.lora_A.view(8, 4, 12), layer.lora_B.T.view(8, 4, 10)

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,49 +13,19 @@ import httpx
 import openai
 import pytest
 import torch
-from test_serve_support import random_adapter, tiny_model, write_adapters, write_tiny_model
+from test_serve_support import (
+    Server,
+    random_adapter,
+    tiny_model,
+    wait_for,
+    write_adapters,
+    write_tiny_model,
+)
 
 from rankwise.adapters.peft_format import write_adapter
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-class Server:
-    """A ``rankwise serve`` subprocess and its base URL."""
-
-    def __init__(self, root: Path, *flags: str):
-        command = [
-            sys.executable,
-            "-m",
-            "rankwise.commands.serve",
-            "--model",
-            str(root / "model"),
-            "--adapters",
-            str(root / "adapters"),
-            "--port",
-            "0",
-            "--log-level",
-            "warning",
-            "--threads",
-            "1",
-            *flags,
-        ]
-        self.log = root / f"server-{time.monotonic_ns()}.log"
-        self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True
-        )
-        timer = threading.Timer(60, self.proc.kill)  # never hang the test run on a bad start
-        timer.start()
-        line = self.proc.stdout.readline()
-        timer.cancel()
-        assert "http://" in line, f"server did not start: {line!r} {self.log.read_text()}"
-        self.url = line.strip().rsplit(" ", 1)[-1]
-
-    def stop(self) -> int:
-        """SIGTERM, then the exit status."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +214,3 @@ def test_sigterm_finishes_requests_in_flight_and_exits_cleanly(root):
     reader.join(timeout=30)
     assert events[-1] == "data: [DONE]"
     assert '"finish_reason": "length"' in events[-2]
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)

@@ -13,7 +13,10 @@ import re
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
+
+from rankwise.errors import RankwiseError
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")  # model.layers.3.mlp, transformer.h.3
@@ -66,3 +69,31 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+# Attention layer types whose masks the serving engine builds: causal, and causal within a window.
+MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def attention_windows(config: PretrainedConfig) -> dict[str | None, int | None]:
+    """The sliding window (None: full causal attention) of each mask a decoder's forward takes.
+
+    A config listing ``layer_types`` (Gemma2's alternating sliding and full layers, Qwen2/3)
+    means the forward takes a dict of 4-D masks keyed by layer type, as transformers'
+    ``create_masks_for_generate`` builds them; otherwise it takes one mask for every layer (the
+    key None), windowed by ``sliding_window`` (Mistral, Phi-3) or full. Raises ``RankwiseError``
+    for any other kind of attention (chunked, linear, ...), which these masks cannot express.
+    """
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "attention_chunk_size", None):
+        raise RankwiseError(f"{config.model_type} uses chunked attention, which serving does not")
+    kinds = getattr(config, "layer_types", None)
+    if kinds is None:
+        return {None: window}
+    unknown = sorted(set(kinds) - set(MASKED_LAYER_TYPES))
+    if unknown:
+        raise RankwiseError(
+            f"{config.model_type} has {', '.join(unknown)} layers; serving supports only "
+            "full and sliding-window attention"
+        )
+    return {kind: window if kind == "sliding_attention" else None for kind in dict.fromkeys(kinds)}

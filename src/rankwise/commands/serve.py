@@ -119,6 +119,8 @@ def run(args: argparse.Namespace) -> None:
 
     from rankwise.serve.api import Api
     from rankwise.serve.folder import AdapterFolder, largest_rank
+    from rankwise.serve.server import DrainingServer
+    from rankwise.serve.worker import EngineThread
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     for flag, least in MINIMUMS.items():
@@ -140,26 +142,28 @@ def run(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
     )
     engine = Engine(loaded.model, loaded.tokenizer, config)
+    worker = EngineThread(engine)
     folder = AdapterFolder(args.adapters, engine, loaded.name)
     folder.scan()
 
     def start() -> None:
-        engine.start()
+        worker.start()
         if args.scan_interval > 0:
             folder.watch(args.scan_interval)
 
     def stop() -> None:
         folder.stop()
-        engine.stop()
+        worker.stop()
 
     app = Api(engine, folder, loaded.name).app(args.api_key, start, stop)
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             app,
             log_level=args.log_level,
             timeout_graceful_shutdown=GRACE_SECONDS,
             access_log=args.log_level == "debug",
-        )
+        ),
+        worker,
     )
     # uvicorn re-raises the signal it shut down on; a no-op handler makes SIGTERM a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: None)

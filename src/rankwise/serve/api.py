@@ -2,35 +2,31 @@
 
 ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` (streamed as server-sent events
 or not) pick the adapter by the ``model`` field: the base model's name means no adapter.
-``/admin/adapters`` lists, adds (a folder already in the adapter directory) and removes
-adapters. Every error is OpenAI-shaped JSON ``{"error": {"message", "type", "param", "code"}}``.
-With an API key every endpoint needs ``Authorization: Bearer KEY``; admin endpoints always do.
+``/admin/adapters`` (``admin``) lists, adds and removes adapters; ``/health`` says how many
+requests run and wait. Every error is OpenAI-shaped JSON (``http_errors``). With an API key
+every endpoint needs ``Authorization: Bearer KEY`` (``auth``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
-import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from rankwise.errors import RankwiseError
-from rankwise.serve.engine import (
-    Chunk,
-    Engine,
+from rankwise.serve.admin import Admin
+from rankwise.serve.auth import Auth
+from rankwise.serve.engine import Engine
+from rankwise.serve.folder import AdapterFolder
+from rankwise.serve.http_errors import HANDLERS, ApiError, unknown_model
+from rankwise.serve.requests import (
     Event,
     Failure,
     GenerationRequest,
@@ -39,76 +35,10 @@ from rankwise.serve.engine import (
     Ticket,
     UnknownModel,
 )
-from rankwise.serve.folder import AdapterFolder
-from rankwise.serve.schemas import AddAdapter, ChatBody, CompletionBody, Sampling
+from rankwise.serve.responses import Shape, chat_shape, completion_shape, failure_body, sse
+from rankwise.serve.schemas import ChatBody, CompletionBody, Sampling, read_body
 
-log = logging.getLogger("rankwise.serve")
-MAX_BODY = 1 << 20  # bytes of JSON a request may send
-Body = TypeVar("Body", bound=BaseModel)
 DISCONNECT_POLL = 1.0  # seconds between checks that a non-streaming client is still there
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI-shaped JSON with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = (
-            status,
-            message,
-            kind,
-            code,
-            param,
-        )
-
-    def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
-
-
-class Auth:
-    """ASGI middleware: the API key guards every endpoint; admin endpoints need one to exist."""
-
-    def __init__(self, app: ASGIApp, key: str | None):
-        self.app, self.key = app, key
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            error = self.check(scope)
-            if error is not None:
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    def check(self, scope: Scope) -> ApiError | None:
-        if self.key is None:
-            if scope["path"].startswith("/admin"):
-                return ApiError(
-                    403,
-                    "admin endpoints need the server started with --api-key",
-                    "permission_error",
-                    "admin_disabled",
-                )
-            return None
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.key.encode()
-        ):
-            return ApiError(
-                401,
-                "missing or wrong API key (send Authorization: Bearer KEY)",
-                "authentication_error",
-                "invalid_api_key",
-            )
-        return None
 
 
 class Api:
@@ -124,6 +54,8 @@ class Api:
         on_start: Callable[[], None] | None = None,
         on_stop: Callable[[], None] | None = None,
     ) -> ASGIApp:
+        """The ASGI app; ``on_start`` and ``on_stop`` run at the server's start and end."""
+
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             if on_start:
@@ -138,12 +70,9 @@ class Api:
             Route("/v1/models/{name}", self.model),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
-            Route("/admin/adapters", self.list_adapters),
-            Route("/admin/adapters", self.add_adapter, methods=["POST"]),
-            Route("/admin/adapters/{name}", self.delete_adapter, methods=["DELETE"]),
+            *Admin(self.engine, self.folder, self.base_name).routes(),
         ]
-        handlers = {ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash}
-        app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+        app = Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)
         return Auth(app, api_key)
 
     # Models -------------------------------------------------------------------------------
@@ -163,7 +92,10 @@ class Api:
         return cards
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        engine = self.engine
+        return JSONResponse(
+            {"status": "ok", "running": len(engine.running), "waiting": len(engine.queue.waiting)}
+        )
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": self.model_cards()})
@@ -237,7 +169,7 @@ class Api:
                         return Response(status_code=499)
                     continue
                 if isinstance(event, Failure):
-                    raise ApiError(503, event.message, "server_error", "generation_failed")
+                    return JSONResponse({"error": failure_body(event)}, status_code=503)
                 text.append(event.text)
                 if event.finish_reason is not None:
                     return JSONResponse(shape.whole(head, "".join(text), event))
@@ -255,203 +187,3 @@ class Api:
             raise ApiError(503, str(err), "server_error", "shutting_down") from err
         except RankwiseError as err:
             raise ApiError(400, str(err)) from err
-
-    # Admin --------------------------------------------------------------------------------
-
-    async def list_adapters(self, request: Request) -> Response:
-        pool = self.engine.pool
-        data = [
-            {
-                "id": name,
-                "rank": adapter.rank,
-                "modules": len(adapter.factors),
-                "hot": adapter in pool.lru,
-                "created": adapter.created,
-            }
-            for name, adapter in sorted(self.engine.adapters.items())
-        ]
-        loads = list(pool.load_times)
-        mean_ms = 1000 * sum(loads) / len(loads) if loads else None
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "hot_slots": pool.slots - 1,
-                "loads": len(loads),
-                "mean_load_ms": mean_ms,
-            }
-        )
-
-    async def add_adapter(self, request: Request) -> Response:
-        body = await read_body(request, AddAdapter)
-        try:
-            adapter = await asyncio.to_thread(self.folder.add, body.name)
-        except FileNotFoundError as err:
-            raise ApiError(404, str(err), code="adapter_not_found", param="name") from err
-        except RankwiseError as err:
-            raise ApiError(400, str(err), param="name") from err
-        card = {
-            "id": adapter.name,
-            "object": "model",
-            "created": adapter.created,
-            "owned_by": "rankwise",
-            "parent": self.base_name,
-            "rank": adapter.rank,
-        }
-        return JSONResponse(card, status_code=201)
-
-    async def delete_adapter(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        try:
-            removed = await asyncio.to_thread(self.folder.remove, name)
-        except RankwiseError as err:
-            raise ApiError(400, str(err), param="name") from err
-        if not removed:
-            raise unknown_model(name)
-        return JSONResponse({"id": name, "object": "model", "deleted": True})
-
-
-class Shape:
-    """How one endpoint's responses look: stream chunks and the whole response."""
-
-    prefix: str
-    kind: str
-
-    def head(self, model: str) -> dict:
-        return {
-            "id": f"{self.prefix}-{uuid.uuid4().hex}",
-            "object": self.kind,
-            "created": int(time.time()),
-            "model": model,
-        }
-
-    def choice(self, text: str | None, finish: str | None, first: bool) -> dict:
-        raise NotImplementedError
-
-    def whole(self, head: dict, text: str, last: Chunk) -> dict:
-        raise NotImplementedError
-
-
-class CompletionShape(Shape):
-    prefix, kind = "cmpl", "text_completion"
-
-    def choice(self, text: str | None, finish: str | None, first: bool) -> dict:
-        return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-
-    def whole(self, head: dict, text: str, last: Chunk) -> dict:
-        return {
-            **head,
-            "choices": [self.choice(text, last.finish_reason, True)],
-            "usage": usage(last),
-        }
-
-
-class ChatShape(Shape):
-    prefix, kind = "chatcmpl", "chat.completion.chunk"
-
-    def choice(self, text: str | None, finish: str | None, first: bool) -> dict:
-        delta: dict = {"role": "assistant"} if first else {}
-        if text is not None:
-            delta["content"] = text
-        return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-
-    def whole(self, head: dict, text: str, last: Chunk) -> dict:
-        message = {"role": "assistant", "content": text}
-        choice = {
-            "index": 0,
-            "message": message,
-            "finish_reason": last.finish_reason,
-            "logprobs": None,
-        }
-        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage(last)}
-
-
-completion_shape, chat_shape = CompletionShape(), ChatShape()
-
-
-async def sse(
-    ticket: Ticket, events: asyncio.Queue[Event], head: dict, shape: Shape, include_usage: bool
-) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per text piece, the finish reason, usage, then [DONE]."""
-    try:
-        if shape is chat_shape:
-            yield data({**head, "choices": [shape.choice("", None, True)]})
-        while True:
-            event = await events.get()
-            if isinstance(event, Failure):
-                error = {
-                    "message": event.message,
-                    "type": "server_error",
-                    "param": None,
-                    "code": "generation_failed",
-                }
-                yield data({"error": error})
-                break
-            if event.text:
-                yield data({**head, "choices": [shape.choice(event.text, None, False)]})
-            if event.finish_reason is not None:
-                yield data({**head, "choices": [shape.choice(None, event.finish_reason, False)]})
-                if include_usage:
-                    yield data({**head, "choices": [], "usage": usage(event)})
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        ticket.cancel()
-
-
-def data(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
-
-
-def usage(chunk: Chunk) -> dict:
-    return {
-        "prompt_tokens": chunk.prompt_tokens,
-        "completion_tokens": chunk.completion_tokens,
-        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
-    }
-
-
-def unknown_model(name: str) -> ApiError:
-    return ApiError(
-        404, f"the model '{name}' does not exist", code="model_not_found", param="model"
-    )
-
-
-async def read_body(request: Request, schema: type[Body]) -> Body:
-    """The JSON body (at most MAX_BODY bytes) validated against ``schema``; errors are 400."""
-    raw = bytearray()
-    async for piece in request.stream():
-        raw += piece
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
-    try:
-        payload = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the request body is not valid JSON: {err}") from err
-    if not isinstance(payload, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    try:
-        return schema.model_validate(payload)
-    except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(
-            400, f"{param}: {first['msg']}" if param else first["msg"], param=param
-        ) from err
-
-
-async def on_api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return exc.response()
-
-
-async def on_http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return ApiError(
-        exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
-    ).response()
-
-
-async def on_crash(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-    return ApiError(500, "internal server error; see the server log", "server_error").response()

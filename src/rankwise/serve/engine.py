@@ -1,44 +1,33 @@
 """The batched multi-adapter engine: continuous batching over one base model and many adapters.
 
-Each step admits waiting requests (up to ``max_batch`` running; their adapters loaded into hot
-slots on demand), prefills them together with left padding, copies their keys and values into
-the running batch's cache, and then runs one decode step for every running sequence, whatever
-adapter each uses. Finished sequences leave the batch at once. The engine runs in its own thread
-(``start``) or is stepped by the caller (``step``, ``generate``); the HTTP server and tests use
-the same code.
+Each step admits waiting requests (``admission``; their adapters loaded into hot slots on
+demand), prefills them together, and then decodes one token for every running sequence,
+whatever adapter each uses (``runner``); finished sequences leave the batch at once. The caller
+steps the engine (``step``, ``generate``) or a ``worker.EngineThread`` does; the HTTP server and
+the tests use the same code.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rankwise.adapters.peft_format import LoraWeights, check_compatible
+from rankwise.adapters.peft_format import LoraWeights
 from rankwise.errors import RankwiseError
-from rankwise.serve.kv import SlabCache, prefill_mask, swap_remove
-from rankwise.serve.policy import AdapterBatch
+from rankwise.serve.admission import Limits, Queue
+from rankwise.serve.kv import swap_remove
+from rankwise.serve.plans import Planner
+from rankwise.serve.requests import Chunk, Event, Failure, GenerationRequest, Ticket, UnknownModel
+from rankwise.serve.runner import Runner
+from rankwise.serve.sampling import eos_ids, generator_for, sample
 from rankwise.serve.slots import HostAdapter, SlotPool
 from rankwise.serve.text import TextStream
 
-log = logging.getLogger("rankwise.serve")
-
-
-class UnknownModel(RankwiseError):
-    """A request named a model that is neither the base model nor a registered adapter."""
-
-
-class Overloaded(RankwiseError):
-    """Too many requests are running or waiting."""
-
-
-class ShuttingDown(RankwiseError):
-    """The engine is stopping and takes no new requests."""
+SHUTDOWN = Failure("the server is shutting down", "shutting_down")
 
 
 @dataclass
@@ -52,55 +41,7 @@ class EngineConfig:
     max_prompt_tokens: int = 2048  # longest prompt accepted
     max_new_tokens: int = 1024  # largest max_tokens accepted
     prefill_tokens: int = 2048  # padded prompt tokens prefilled per step (at least one prompt)
-    strategy: str = "auto"  # how a mixed batch's low-rank term is computed (serve.policy)
-
-
-@dataclass
-class GenerationRequest:
-    """One completion: prompt token ids, the adapter (None: base model) and sampling settings."""
-
-    prompt: list[int]
-    adapter: str | None = None
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks)
-
-
-@dataclass
-class Chunk:
-    """Text produced since the last chunk; the last chunk has ``finish_reason`` and the usage."""
-
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class Failure:
-    """The request could not be finished (the engine failed or is shutting down)."""
-
-    message: str
-
-
-Event = Chunk | Failure
-
-
-@dataclass(eq=False)
-class Ticket:
-    """A submitted request: where its events go, and a way to cancel it."""
-
-    request: GenerationRequest
-    adapter: HostAdapter | None
-    sink: Callable[[Event], None]
-    cancelled: bool = False
-
-    def cancel(self) -> None:
-        """Drop the request at the next step (its client went away)."""
-        self.cancelled = True
+    strategy: str = "auto"  # how a mixed batch's low-rank term is computed (serve.plans)
 
 
 @dataclass(eq=False)
@@ -120,7 +61,7 @@ class Running:
 
 
 class Engine:
-    """One base model answering requests for many adapters, batched."""
+    """One base model answering requests for many adapters, batched, on the model's device."""
 
     def __init__(
         self,
@@ -130,23 +71,23 @@ class Engine:
     ):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config = config or EngineConfig()
+        self.device = next(model.parameters()).device
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.eos = eos_ids(model, tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.dtype = next(model.parameters()).dtype
-        self.policy = AdapterBatch(config.max_rank, config.strategy)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.planner = Planner(self.device, config.strategy)
+        self.runner = Runner(model, self.planner, config.max_batch, pad)
         self.pool = SlotPool(
-            model, self.policy, (config.hot_slots or config.max_batch) + 1, config.max_rank
+            model, self.planner, (config.hot_slots or config.max_batch) + 1, config.max_rank
         )
-        self.cache = SlabCache(model.config.num_hidden_layers, config.max_batch)
+        self.limits = Limits(
+            config.max_prompt_tokens, config.max_new_tokens, self.context, model.config.vocab_size
+        )
+        self.queue = Queue(config.max_batch + config.max_queued)
         self.adapters: dict[str, HostAdapter] = {}
-        self.waiting: deque[Ticket] = deque()
         self.running: list[Running] = []  # in cache row order
         self.prefilling: list[Running] = []  # admitted, not yet in the batch
         self.lock = threading.RLock()  # held while the model runs or changes
-        self.wakeup = threading.Condition()  # guards ``waiting``; signals new work
-        self.thread: threading.Thread | None = None
-        self.stopping = False
 
     # Adapters -----------------------------------------------------------------------------
 
@@ -161,7 +102,7 @@ class Engine:
             )
         adapter = HostAdapter.fold(name, weights)
         with self.lock:
-            check_compatible(self.model, weights, f"adapter '{name}'")
+            self.pool.check(weights, f"adapter '{name}'")
             self.pool.wrap(adapter)
             old = self.adapters.get(name)
             self.adapters[name] = adapter
@@ -186,42 +127,10 @@ class Engine:
             adapter = self.adapters.get(request.adapter)
             if adapter is None:
                 raise UnknownModel(f"the model '{request.adapter}' does not exist")
-        self.check_limits(request)
+        self.limits.check(request)
         ticket = Ticket(request, adapter, sink)
-        with self.wakeup:
-            if self.stopping:
-                raise ShuttingDown("the server is shutting down")
-            if (
-                len(self.waiting) + len(self.running)
-                >= self.config.max_batch + self.config.max_queued
-            ):
-                raise Overloaded(
-                    f"too many requests: {len(self.running)} running and {len(self.waiting)} "
-                    "waiting; retry later"
-                )
-            self.waiting.append(ticket)
-            self.wakeup.notify()
+        self.queue.put(ticket, len(self.running))
         return ticket
-
-    def check_limits(self, request: GenerationRequest) -> None:
-        """Refuse prompts and lengths the server cannot serve, naming the limit."""
-        n, limit = len(request.prompt), self.config.max_prompt_tokens
-        if n == 0:
-            raise RankwiseError("the prompt is empty")
-        if n > limit:
-            raise RankwiseError(f"the prompt has {n} tokens; this server accepts at most {limit}")
-        if not 1 <= request.max_tokens <= self.config.max_new_tokens:
-            raise RankwiseError(
-                f"max_tokens must be between 1 and {self.config.max_new_tokens}, "
-                f"got {request.max_tokens}"
-            )
-        if n + request.max_tokens > self.context:
-            raise RankwiseError(
-                f"the prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
-                f"model's context of {self.context} tokens"
-            )
-        if any(t < 0 or t >= self.model.config.vocab_size for t in request.prompt):
-            raise RankwiseError("the prompt holds token ids outside the vocabulary")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
         """Run requests to completion in the caller's thread, batched; their texts in order."""
@@ -245,152 +154,74 @@ class Engine:
             raise RankwiseError(failures[0])
         return texts
 
-    # The loop -----------------------------------------------------------------------------
+    def busy(self) -> bool:
+        """Whether requests are running or waiting."""
+        return bool(self.running or self.queue.waiting)
 
-    def start(self) -> None:
-        """Run steps in a background thread until ``stop``."""
-        self.thread = threading.Thread(target=self.loop, name="rankwise-engine", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Finish the current step, fail what is left and end the thread."""
-        with self.wakeup:
-            self.stopping = True
-            self.wakeup.notify()
-        if self.thread is not None:
-            self.thread.join()
-
-    def loop(self) -> None:
-        while True:
-            with self.wakeup:
-                while not (self.waiting or self.running or self.stopping):
-                    self.wakeup.wait()
-                if self.stopping:
-                    break
-            try:
-                self.step()
-            except Exception:
-                log.exception("engine step failed; failing the requests in flight")
-                self.fail_all("internal error while generating; see the server log")
-        self.fail_all("the server is shutting down")
-
-    def fail_all(self, message: str) -> None:
-        """Fail every running and waiting request and empty the batch."""
-        with self.lock:
-            with self.wakeup:
-                tickets = [s.ticket for s in self.running + self.prefilling] + list(self.waiting)
-                self.waiting.clear()
-            self.pool.pins = [0] * self.pool.slots
-            self.running, self.prefilling = [], []
-            self.cache.keep(torch.zeros(0, dtype=torch.long))
-        for ticket in tickets:
-            send(ticket, Failure(message))
+    # Steps --------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> bool:
         """Admit and prefill waiting requests, then decode one token for every running one.
 
         Runs in inference mode: the KV cache and every tensor of a step are inference tensors,
-        and nothing outside ``step`` computes with them.
+        and nothing outside ``step`` computes with them. Once the queue is closed, waiting
+        requests are answered with a shutdown failure instead of admitted.
 
         Returns whether work is left (running or waiting requests).
         """
         with self.lock:
             self.drop_cancelled()
-            admitted = self.admit()
-            if admitted:
-                self.prefill(admitted)
+            if self.queue.closed:
+                self.queue.fail_waiting(SHUTDOWN)
+            else:
+                admitted = self.admit()
+                if admitted:
+                    self.prefill(admitted)
             if self.running:
                 self.decode()
-            return bool(self.running or self.waiting)
+            return self.busy()
 
     def drop_cancelled(self) -> None:
-        with self.wakeup:
-            if any(t.cancelled for t in self.waiting):
-                self.waiting = deque(t for t in self.waiting if not t.cancelled)
+        self.queue.drop_cancelled()
         self.leave({i for i, s in enumerate(self.running) if s.ticket.cancelled})
 
     def admit(self) -> list[Running]:
-        """Take waiting requests in order while the batch, the prefill budget and slots allow."""
-        with self.wakeup:
-            candidates = list(self.waiting)
-        admitted: list[Running] = []
-        longest = 0
-        for ticket in candidates:
-            if len(self.running) + len(admitted) >= self.config.max_batch:
-                break
-            length = max(longest, len(ticket.request.prompt))
-            if admitted and length * (len(admitted) + 1) > self.config.prefill_tokens:
-                break
-            slot = self.pool.acquire(ticket.adapter)
-            if slot is None:  # every slot is held by a running sequence: wait for one
-                continue
-            longest = length
-            admitted.append(self.start_sequence(ticket, slot))
-        with self.wakeup:
-            for seq in admitted:
-                self.waiting.remove(seq.ticket)
-        self.prefilling = admitted
-        return admitted
+        """Waiting requests the batch, the prefill budget and the slots have room for."""
+        admitted = self.queue.admit(
+            self.config.max_batch - len(self.running),
+            self.config.prefill_tokens,
+            lambda ticket: self.pool.acquire(ticket.adapter),
+        )
+        self.prefilling = [self.start_sequence(ticket, slot) for ticket, slot in admitted]
+        return self.prefilling
 
     def start_sequence(self, ticket: Ticket, slot: int) -> Running:
         request = ticket.request
-        generator = None
-        if request.temperature > 0:
-            generator = torch.Generator()
-            if request.seed is not None:
-                generator.manual_seed(request.seed)
-            else:
-                generator.seed()
-        return Running(ticket, slot, TextStream(self.tokenizer, request.stop), generator)
+        stream = TextStream(self.tokenizer, request.stop)
+        return Running(ticket, slot, stream, generator_for(request, self.device))
 
     def prefill(self, seqs: list[Running]) -> None:
-        """Run the new prompts together (left-padded), sample their first tokens, join the batch."""
-        width = max(len(s.ticket.request.prompt) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        valid = torch.zeros(len(seqs), width, dtype=torch.bool)
-        for i, seq in enumerate(seqs):
-            prompt = seq.ticket.request.prompt
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            valid[i, width - len(prompt) :] = True
-        positions = (valid.cumsum(1) - 1).clamp(min=0)
-        self.policy.set_batch([s.slot for s in seqs], width)
-        cache = DynamicCache()
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=prefill_mask(valid, self.dtype),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        """Run the new prompts together, sample their first tokens, join the batch."""
+        logits, prefilled = self.runner.prefill(
+            [s.ticket.request.prompt for s in seqs], [s.slot for s in seqs]
+        )
         done = self.advance(seqs, logits)
         keep = [i for i in range(len(seqs)) if i not in done]
         for i in done:
             self.pool.release(seqs[i].slot)
         if keep:
-            rows = torch.tensor(keep)
-            kv = [(layer.keys[rows], layer.values[rows]) for layer in cache.layers]
-            self.cache.join(kv, valid[rows])
+            self.runner.join(prefilled, keep)
             self.running.extend(seqs[i] for i in keep)
         self.prefilling = []
 
     def decode(self) -> None:
         """One token for every running sequence."""
-        ids = torch.tensor([[s.tokens[-1]] for s in self.running])
-        positions = torch.tensor([[s.position] for s in self.running])
-        mask = self.cache.decode_mask(self.dtype)
-        self.policy.set_batch([s.slot for s in self.running], 1)
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        self.cache.advance(1)
-        self.leave(self.advance(self.running, logits))
+        seqs = self.running
+        logits = self.runner.decode(
+            [s.tokens[-1] for s in seqs], [s.position for s in seqs], [s.slot for s in seqs]
+        )
+        self.leave(self.advance(seqs, logits))
 
     def leave(self, rows: set[int]) -> None:
         """Remove finished or cancelled rows from the batch and unpin their slots."""
@@ -399,12 +230,12 @@ class Engine:
         for i in rows:
             self.pool.release(self.running[i].slot)
         order = swap_remove(len(self.running), rows)
-        self.cache.keep(torch.tensor(order, dtype=torch.long))
+        self.runner.cache.keep(order)
         self.running = [self.running[i] for i in order]
 
     def advance(self, seqs: list[Running], logits: torch.Tensor) -> set[int]:
         """Append one sampled token to each sequence, send text; the indices that finished."""
-        tokens = sample(logits, seqs)
+        tokens = sample(logits, [s.ticket.request for s in seqs], [s.generator for s in seqs])
         done = set()
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             request = seq.ticket.request
@@ -421,40 +252,24 @@ class Engine:
             if finish is not None:
                 done.add(i)
                 usage = {"prompt_tokens": len(request.prompt), "completion_tokens": len(seq.tokens)}
-                send(seq.ticket, Chunk(text, finish, **usage))
+                seq.ticket.send(Chunk(text, finish, **usage))
             elif text:
-                send(seq.ticket, Chunk(text))
+                seq.ticket.send(Chunk(text))
         return done
 
+    # Failing ------------------------------------------------------------------------------
 
-def sample(logits: torch.Tensor, seqs: list[Running]) -> list[int]:
-    """Greedy for temperature 0, else nucleus sampling with each request's own generator."""
-    tokens = logits.argmax(-1).tolist()
-    for i, seq in enumerate(seqs):
-        request = seq.ticket.request
-        if request.temperature > 0:
-            probs = torch.softmax(logits[i].float() / request.temperature, -1)
-            if request.top_p < 1:
-                sorted_probs, order = probs.sort(descending=True)
-                outside = sorted_probs.cumsum(0) - sorted_probs > request.top_p
-                probs[order[outside]] = 0
-            tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
-    return tokens
+    def fail_running(self, failure: Failure) -> None:
+        """Answer every running (and admitted) request with ``failure``; the batch is empty."""
+        with self.lock:
+            tickets = [s.ticket for s in self.running + self.prefilling]
+            self.running, self.prefilling = [], []
+            self.pool.unpin_all()
+            self.runner.cache.clear()
+        for ticket in tickets:
+            ticket.send(failure)
 
-
-def send(ticket: Ticket, event: Event) -> None:
-    """Deliver an event; a sink that fails (its client is gone) cancels the request."""
-    try:
-        ticket.sink(event)
-    except Exception:
-        log.debug("dropping an event for a request whose receiver is gone", exc_info=True)
-        ticket.cancel()
-
-
-def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Token ids that end a sequence: the generation config's and the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    found = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        found.add(tokenizer.eos_token_id)
-    return found
+    def fail_all(self, failure: Failure) -> None:
+        """Answer every running and waiting request with ``failure``."""
+        self.fail_running(failure)
+        self.queue.fail_waiting(failure)

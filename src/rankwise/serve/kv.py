@@ -6,7 +6,7 @@ column ``hi`` in place, so a step costs no copy of the cache (transformers' ``Dy
 concatenates, copying the whole cache every step). New sequences are prefilled on their own and
 copied in right-aligned; finished rows are dropped by compacting, and columns that no row uses
 any more are trimmed from the left. Stale columns keep finite values, so masked positions never
-turn attention into NaN.
+turn attention into NaN. Every buffer lives on the model's device.
 """
 
 from __future__ import annotations
@@ -43,25 +43,22 @@ class Window:
 class SlabCache(Cache):
     """KV cache of the running batch, with ``valid`` [rows, columns] marking real tokens."""
 
-    def __init__(self, num_layers: int, max_rows: int):
+    def __init__(self, num_layers: int, max_rows: int, device: torch.device):
         self.window = Window()
         super().__init__(layers=[SlabLayer(self.window) for _ in range(num_layers)])
         self.max_rows = max_rows
-        self.valid = torch.zeros(max_rows, 0, dtype=torch.bool)
+        self.valid = torch.zeros(max_rows, 0, dtype=torch.bool, device=device)
 
     @property
     def rows(self) -> int:
         return self.window.rows
 
-    def decode_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """Mark column ``hi`` real for every row and return the additive mask for one new token.
-
-        Shape [rows, 1, 1, width + 1]: 0 where attended, the dtype's minimum where padded.
-        """
+    def next_column(self) -> torch.Tensor:
+        """Mark column ``hi`` real for every row: the valid window with it, [rows, width + 1]."""
         w = self.window
         self.reserve(1)
         self.valid[: w.rows, w.hi] = True
-        return additive(self.valid[: w.rows, w.lo : w.hi + 1], dtype)[:, None, None, :]
+        return self.valid[: w.rows, w.lo : w.hi + 1]
 
     def advance(self, tokens: int) -> None:
         """Count ``tokens`` columns written by the forward that just ran."""
@@ -89,27 +86,34 @@ class SlabCache(Cache):
         self.valid[new, w.hi - p : w.hi] = valid
         w.rows += b
 
-    def keep(self, rows: torch.Tensor) -> None:
+    def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order) and trim columns no remaining row uses.
 
         Only rows whose position changes are copied, so filling holes with the last rows
         (see ``swap_remove``) moves as many rows as left.
         """
         w = self.window
-        cols = slice(w.lo, w.hi)
-        dst = (rows != torch.arange(len(rows))).nonzero().squeeze(1)
-        src = rows[dst]
-        for layer in self.layers:
-            if layer.keys is not None and len(dst):
-                layer.keys[dst, :, cols] = layer.keys[src, :, cols]
-                layer.values[dst, :, cols] = layer.values[src, :, cols]
-        self.valid[dst, cols] = self.valid[src, cols]
-        w.rows = len(rows)
-        if w.rows == 0:
-            w.lo = w.hi = 0
+        if not rows:
+            self.clear()
             return
+        cols = slice(w.lo, w.hi)
+        moved = [i for i, row in enumerate(rows) if i != row]  # the places that change row
+        if moved:
+            device = self.valid.device
+            dst = torch.tensor(moved, dtype=torch.long, device=device)
+            src = torch.tensor([rows[i] for i in moved], dtype=torch.long, device=device)
+            for layer in self.layers:
+                if layer.keys is not None:
+                    layer.keys[dst, :, cols] = layer.keys[src, :, cols]
+                    layer.values[dst, :, cols] = layer.values[src, :, cols]
+            self.valid[dst, cols] = self.valid[src, cols]
+        w.rows = len(rows)
         used = self.valid[: w.rows, cols].any(0)
         w.lo += int(used.int().argmax())  # first column some row still uses
+
+    def clear(self) -> None:
+        """Drop every row. Only the window moves, so this works outside inference mode too."""
+        self.window.rows = self.window.lo = self.window.hi = 0
 
     def reserve(self, right: int, left: int = 0) -> None:
         """Room for ``right`` columns after ``hi`` and ``left`` before ``lo`` (moves if needed)."""
@@ -120,7 +124,7 @@ class SlabCache(Cache):
         width = w.hi - w.lo
         new_capacity = max(capacity, 2 * (left + width + right), 64)
         new_lo = left + (new_capacity - left - width - right) // 4  # slack on both sides
-        valid = torch.zeros(self.max_rows, new_capacity, dtype=torch.bool)
+        valid = self.valid.new_zeros(self.max_rows, new_capacity)
         valid[: w.rows, new_lo : new_lo + width] = self.valid[: w.rows, w.lo : w.hi]
         self.valid = valid
         for layer in self.layers:
@@ -138,8 +142,8 @@ class SlabCache(Cache):
     def allocate(self, layer: SlabLayer, like: torch.Tensor, columns: int) -> None:
         """Zeroed buffers [max_rows, heads, columns, dim] shaped and typed like ``like``."""
         shape = (self.max_rows, like.shape[1], columns, like.shape[3])
-        layer.keys = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        layer.values = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        layer.keys = like.new_zeros(shape)
+        layer.values = like.new_zeros(shape)
         layer.dtype, layer.device, layer.is_initialized = like.dtype, like.device, True
 
 
@@ -150,20 +154,3 @@ def swap_remove(rows: int, leaving: set[int]) -> list[int]:
         order[gone] = order[-1]
         order.pop()
     return order
-
-
-def additive(valid: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """0 where ``valid``, the dtype's minimum elsewhere (finite, so no row becomes NaN)."""
-    mask = torch.zeros(valid.shape, dtype=dtype)
-    return mask.masked_fill_(~valid, torch.finfo(dtype).min)
-
-
-def prefill_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Causal mask over a left-padded prompt batch, [b, 1, p, p], valid [b, p].
-
-    Padding queries attend to themselves only, so their (unused) outputs stay finite.
-    """
-    p = valid.shape[1]
-    causal = torch.ones(p, p, dtype=torch.bool).tril()
-    allowed = (causal & valid[:, None, :]) | torch.eye(p, dtype=torch.bool)
-    return additive(allowed, dtype)[:, None]

@@ -1,4 +1,5 @@
-"""Request bodies of the OpenAI-compatible endpoints, validated strictly (wrong types are 400).
+"""Request bodies of the OpenAI-compatible endpoints, read and validated strictly (wrong types
+are 400, bodies over ``MAX_BODY`` bytes 413).
 
 Fields rankwise does not implement are accepted only at their neutral value (``n=1``,
 ``echo=false``, no logprobs, no penalties, no tools), so a request never silently means
@@ -7,10 +8,15 @@ something else; unknown extra fields are ignored, as OpenAI's own server does.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
 
+from rankwise.serve.http_errors import ApiError
+
+MAX_BODY = 1 << 20  # bytes of JSON a request may send
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 
 
@@ -82,3 +88,29 @@ class AddAdapter(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def read_body(request: Request, schema: type[Body]) -> Body:
+    """The JSON body (at most MAX_BODY bytes) validated against ``schema``; errors are 400."""
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from err
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return schema.model_validate(payload)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(
+            400, f"{param}: {first['msg']}" if param else first["msg"], param=param
+        ) from err

@@ -1,35 +1,33 @@
-"""The serving policy: one adapter per sequence, many adapters in one batch.
+"""How a mixed batch's low-rank term is computed: one adapter slot per sequence, many per batch.
 
-Every adapted layer holds the same S hot *slots* as S experts of one padded rank R, with each
-adapter's scaling folded into its B, so slot s is ``lora_A.view(S, R, in)[s]`` and
-``lora_B.T.view(S, R, out)[s]`` without a copy (``SlotPool`` keeps B column-major, so that
-view is contiguous). Slot 0 stays zero: the bare base model. The engine tells the shared
-policy which slot each sequence uses once per forward (``set_batch``); the policy then builds
-a *plan* and every layer runs it on its own factors.
+Every slot layer (``serve.layer.SlotLinear``) holds the same S slots of one padded rank R, as
+A [S, R, in] and B^T [S, R, out] with each adapter's scaling folded into B; slot 0 stays zero
+(the bare base model). For each forward the ``Planner`` turns the slot of every sequence into a
+*plan*, which every slot layer runs on its own buffers; the plan exists for that forward only.
 
 Plans (measured in docs/serving.md, bench/serving.py):
 
 - ``Grouped``: one pair of matrix products per adapter over its tokens. Cheapest when few
   adapters own many tokens (prefill, or one adapter for the whole batch).
 - ``SlotMajor``: tokens are scattered into a zero-padded ``[slots, m, in]`` block and two
-  ``bmm`` run over the slot range straight on the stacked factors, so no weight is copied.
+  ``bmm`` run over the slot range straight on the stacked buffers, so no weight is copied.
   Cheapest when many adapters own a few tokens each (decode with distinct adapters).
 - ``Gathered``: each sequence gathers its slot's factors (``A[idx]``: a copy) and two ``bmm``
   follow. Kept as the measured alternative: the gather copies as many bytes as the products read.
 
 The ``auto`` strategy sends adapters with many tokens to ``Grouped`` and the rest to
-``SlotMajor`` by a cost estimate, and skips slot 0.
+``SlotMajor`` by a cost estimate, and skips slot 0. Plans are worked out on the host from
+Python ints (a few dozen values: no device round trip), and their index tensors are created
+once per forward on the model's device.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
-from torch import nn
-
-from rankwise.adapters.layer import LowRankExperts
 
 # What one Grouped part costs, in rows of a SlotMajor block (measured on SmolLM2's q/v shapes,
 # fp32 CPU: about 25 us against 3 us). A block is as tall as its busiest slot, so a busy adapter
@@ -37,21 +35,17 @@ from rankwise.adapters.layer import LowRankExperts
 GROUP_ROWS = 8
 
 
-def slot_factors(layer: LowRankExperts, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of the stacked slots: A as [S, R, in] and B^T as [S, R, out] (scaling folded in)."""
-    slots = layer.lora_A.shape[0] // rank
-    a = layer.lora_A.view(slots, rank, layer.in_features)  # (S, R, in)
-    # (S, R, out): contiguous when B is column-major, as SlotPool stores it
-    bt = layer.lora_B.T.view(slots, rank, layer.out_features)
-    return a, bt
+def indices(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of ``values`` on ``device``."""
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 class Plan:
     """How one forward's low-rank term is computed; built once per forward, run by every layer.
 
-    A plan gets x, the layer's slots (``slot_factors``) and ``out`` (N, out), adds the term to
-    ``out`` in place and returns it: the base output is a fresh tensor of the layer's, so this
-    saves a pass over it and an allocation per layer.
+    A plan gets x, the layer's slots (A [S, R, in], B^T [S, R, out]) and ``out`` (N, out), adds
+    the term to ``out`` in place and returns it: the base output is a fresh tensor of the
+    layer's, so this saves a pass over it and an allocation per layer.
     """
 
     def __call__(
@@ -97,10 +91,11 @@ class Part:
 
 
 class Grouped(Part):
-    """One adapter's tokens: (x A^T) B^T on just those rows."""
+    """One adapter's tokens: (x A^T) B^T on just those rows (``rows`` None: every token)."""
 
-    def __init__(self, slot: int, rows: torch.Tensor | None):
-        self.slot, self.rows = slot, rows
+    def __init__(self, slot: int, rows: list[int] | None, device: torch.device):
+        self.slot = slot
+        self.rows = None if rows is None else indices(rows, device)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> None:
         h = self.take(x) @ a[self.slot].T  # (n, R)
@@ -111,25 +106,33 @@ class Grouped(Part):
 
 
 class SlotMajor(Part):
-    """Tokens of slots lo..hi-1 placed in a [hi-lo, m, in] block; two bmm on the factors.
+    """Tokens of slots lo..hi-1 placed in a [hi-lo, m, in] block; two bmm on the slot buffers.
 
+    ``rows`` are the tokens' rows of x (None: every token, in order) and ``slots`` their slots.
     When every slot of the range holds exactly m tokens (decoding with distinct adapters: one
     each), the block is a permutation of the tokens: one gather in and one scatter-add out.
     Otherwise the block is zero-padded and its rows are picked out again.
     """
 
-    def __init__(self, rows: torch.Tensor | None, slots: torch.Tensor, height: int):
-        self.rows, self.height = rows, height
-        self.lo, self.hi = int(slots.min()), int(slots.max()) + 1
-        where = (slots - self.lo) * height + rank_within(slots)  # block row of each token
+    def __init__(self, rows: list[int] | None, slots: list[int], height: int, device: torch.device):
+        self.height = height
+        self.lo, self.hi = min(slots), max(slots) + 1
+        seen: Counter[int] = Counter()
+        where = []  # the block row of each token: its slot's first row plus its rank in the slot
+        for slot in slots:
+            where.append((slot - self.lo) * height + seen[slot])
+            seen[slot] += 1
         self.padded = len(where) < (self.hi - self.lo) * height
+        self.rows = None if rows is None else indices(rows, device)
         if self.padded:
-            self.where = where
+            self.where = indices(where, device)
         else:
-            order = torch.argsort(where)
-            identity = rows is None and bool((order == torch.arange(len(order))).all())
+            order = sorted(range(len(where)), key=where.__getitem__)
+            identity = rows is None and order == list(range(len(order)))
             # The row of out of each block row; None: the block is the tokens, in order.
-            self.order = None if identity else order if rows is None else rows[order]
+            self.order = None
+            if not identity:
+                self.order = indices(order if rows is None else [rows[i] for i in order], device)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> None:
         if self.padded:
@@ -160,8 +163,8 @@ def add_rows(out: torch.Tensor, rows: torch.Tensor | None, y: torch.Tensor) -> N
 class Gathered(Plan):
     """Each sequence gathers its slot's factors, then two bmm over the batch (slot 0 included)."""
 
-    def __init__(self, slots: torch.Tensor):
-        self.slots = slots
+    def __init__(self, slots: Sequence[int], device: torch.device):
+        self.slots = indices(slots, device)
 
     def __call__(
         self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, out: torch.Tensor
@@ -170,26 +173,29 @@ class Gathered(Plan):
         return out.add_(torch.bmm(h, bt[self.slots]).flatten(0, 1))
 
 
-def token_slots(slots: Sequence[int], tokens: int) -> torch.Tensor:
+def token_slots(slots: Sequence[int], tokens: int) -> list[int]:
     """The slot of every token of a [len(slots), tokens] batch, flattened row-major. (N,)"""
-    return torch.tensor(slots, dtype=torch.long).repeat_interleave(tokens)
+    return [slot for slot in slots for _ in range(tokens)]
 
 
-def plan_grouped(slots: Sequence[int], tokens: int) -> Plan:
+def rows_of(per_token: list[int], chosen: set[int]) -> list[int]:
+    """The rows whose token uses one of the ``chosen`` slots, in order."""
+    return [i for i, slot in enumerate(per_token) if slot in chosen]
+
+
+def plan_grouped(slots: Sequence[int], tokens: int, device: torch.device) -> Plan:
     """One Grouped part per adapter."""
     per_token = token_slots(slots, tokens)
-    return parts(
-        [Grouped(s, (per_token == s).nonzero().squeeze(1)) for s in set(slots) - {0}],
-        len(per_token),
-    )
+    groups = {s: rows_of(per_token, {s}) for s in dict.fromkeys(slots) if s}
+    return parts([Grouped(s, whole(rows, per_token), device) for s, rows in groups.items()])
 
 
-def plan_gathered(slots: Sequence[int], tokens: int) -> Plan:
+def plan_gathered(slots: Sequence[int], tokens: int, device: torch.device) -> Plan:
     """The per-sequence gather (for comparison; never chosen by ``auto``)."""
-    return Gathered(torch.tensor(slots, dtype=torch.long)) if any(slots) else NoAdapter()
+    return Gathered(slots, device) if any(slots) else NoAdapter()
 
 
-def plan_auto(slots: Sequence[int], tokens: int) -> Plan:
+def plan_auto(slots: Sequence[int], tokens: int, device: torch.device) -> Plan:
     """The busiest adapters get Grouped parts, the rest share one SlotMajor block.
 
     How many go to Grouped minimises the estimated cost: GROUP_ROWS per part plus the block's
@@ -205,52 +211,47 @@ def plan_auto(slots: Sequence[int], tokens: int) -> Plan:
         for k in range(len(busiest) + 1)
     ]
     heavy = busiest[: costs.index(min(costs))]
-    found: list[Part] = [Grouped(s, (per_token == s).nonzero().squeeze(1)) for s in heavy]
+    found: list[Part] = [
+        Grouped(s, whole(rows_of(per_token, {s}), per_token), device) for s in heavy
+    ]
     light = [s for s in busiest if s not in heavy]
     if light:
-        rows = torch.isin(per_token, torch.tensor(light)).nonzero().squeeze(1)
-        found.append(SlotMajor(rows, per_token[rows], max(counts[s] for s in light) * tokens))
-    return parts(found, len(per_token))
+        rows = rows_of(per_token, set(light))
+        height = max(counts[s] for s in light) * tokens
+        found.append(
+            SlotMajor(whole(rows, per_token), [per_token[i] for i in rows], height, device)
+        )
+    return parts(found)
 
 
-def parts(found: list[Part], tokens: int) -> Plan:
-    """The plan summing ``found``; a part that owns every token, in order, skips the copies."""
-    if not found:
-        return NoAdapter()
-    if len(found) == 1 and len(found[0].rows) == tokens:
-        found[0].rows = None  # rows are 0..N-1 in order (nonzero() returns them sorted)
-    return Parts(found)
+def whole(rows: list[int], per_token: list[int]) -> list[int] | None:
+    """None when ``rows`` are every token in order (a part then skips its copies), else rows."""
+    return None if len(rows) == len(per_token) else rows
 
 
-def rank_within(slots: torch.Tensor) -> torch.Tensor:
-    """For each entry, how many earlier entries hold the same slot (its row in the block)."""
-    order = torch.argsort(slots, stable=True)
-    ordered = slots[order]
-    counts = torch.bincount(ordered)
-    first = torch.cumsum(counts, 0) - counts  # where each slot's run starts in sorted order
-    pos = torch.empty_like(slots)
-    pos[order] = torch.arange(len(slots)) - first[ordered]
-    return pos
+def parts(found: list[Part]) -> Plan:
+    """The plan summing ``found`` (NoAdapter when no token uses an adapter)."""
+    return Parts(found) if found else NoAdapter()
 
 
-STRATEGIES: dict[str, Callable[[Sequence[int], int], Plan]] = {
+STRATEGIES: dict[str, Callable[[Sequence[int], int, torch.device], Plan]] = {
     "auto": plan_auto,
     "grouped": plan_grouped,
     "gathered": plan_gathered,
 }
 
 
-class AdapterBatch(nn.Module):
-    """Policy over ``LowRankExperts`` slots: the engine sets each sequence's slot per forward."""
+class Planner:
+    """The plan of the forward that is running, shared by every slot layer of one model.
 
-    def __init__(self, rank: int, strategy: str = "auto"):
-        super().__init__()
-        self.rank = rank
+    ``forward(slots, tokens)`` holds the plan for exactly one forward and clears it after, so no
+    batch's state outlives its step; a slot layer that runs outside one raises.
+    """
+
+    def __init__(self, device: torch.device, strategy: str = "auto"):
+        self.device = device
         self.set_strategy(strategy)
-        self.plan: Plan = NoAdapter()
-        # Slot views per layer: forming them costs ~9 us a layer, a tenth of a decode step's
-        # low-rank work with 32 adapters. Slots are loaded in place, so the views stay valid.
-        self.slots: dict[LowRankExperts, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.plan: Plan | None = None
 
     def set_strategy(self, strategy: str) -> None:
         """Choose how plans are built: one of STRATEGIES."""
@@ -260,20 +261,19 @@ class AdapterBatch(nn.Module):
             )
         self.build = STRATEGIES[strategy]
 
-    def set_batch(self, slots: Sequence[int], tokens: int) -> None:
-        """Slot of each sequence of the next forward, whose input is [len(slots), tokens]."""
-        self.plan = self.build(slots, tokens)
+    @contextmanager
+    def forward(self, slots: Sequence[int], tokens: int) -> Iterator[None]:
+        """Hold the plan of one forward whose input is [len(slots), tokens], slots[i] row i's."""
+        if self.plan is not None:
+            raise RuntimeError("a forward is already running on these slot layers")
+        self.plan = self.build(slots, tokens, self.device)
+        try:
+            yield
+        finally:
+            self.plan = None
 
-    def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
-    ) -> torch.Tensor:
-        """into + the plan's low-rank term, computed in the slots' dtype (fp32).
-
-        ``into`` is the base layer's fresh output and takes the term in place when it is in
-        the slots' dtype (serving runs without autograd).
-        """
-        a, bt = self.slots.get(layer) or (None, None)
-        if a is None or a._base is not layer.lora_A:
-            a, bt = self.slots[layer] = slot_factors(layer, self.rank)
-        out = into.reshape(-1, into.shape[-1]).to(a.dtype)
-        return self.plan(x.to(a.dtype), a, bt, out).view(into.shape).to(into.dtype)
+    def current(self) -> Plan:
+        """The running forward's plan; raises outside ``forward``."""
+        if self.plan is None:
+            raise RuntimeError("a slot layer ran outside Planner.forward: no slots were chosen")
+        return self.plan
