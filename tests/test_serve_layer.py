@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from rankwise.adapters.inject import swap_modules
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
-from rankwise.serve.inject import swap_modules
 from rankwise.serve.layer import SlotLinear
 from rankwise.serve.plans import Planner
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from rankwise.adapters.dora import DoRA
 from rankwise.adapters.init import INIT_SCHEMES
-from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.adapters.layer import ExpertSpec, LinearWrapper, LowRankExperts
 from rankwise.architectures import is_linear
 from rankwise.errors import RankwiseError
 from rankwise.options import Options, flagless, option
@@ -89,12 +89,13 @@ def pattern_key(patterns: Iterable[str], module_name: str) -> str | None:
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Linear layers adapters can target: every ``nn.Linear`` or ``Conv1D`` but the output head.
 
-    Linears already wrapped by ``LowRankExperts`` count under the wrapper's name.
+    Linears already wrapped (``LowRankExperts``, the serving slots: any ``LinearWrapper``) count
+    under the wrapper's name.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found: dict[str, nn.Linear] = {}
+    found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if isinstance(module, LowRankExperts):
+        if isinstance(module, LinearWrapper):
             found[name] = module.base
         elif is_linear(module) and module is not head and name not in found:
             parent = name.rpartition(".")[0]
@@ -146,14 +147,27 @@ def inject_experts(
     for name, specs in experts.items():
         if name not in available:
             raise RankwiseError(f"the model has no linear layer named '{name}'")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        current = getattr(parent, child)
-        if isinstance(current, LowRankExperts):
+        current = model.get_submodule(name)
+        if isinstance(current, LinearWrapper):
             raise RankwiseError(f"'{name}' already holds adapters; call remove_experts first")
         layers[name] = LowRankExperts(current, specs)
-        setattr(parent, child, layers[name])
+    swap_modules(model, layers)
     return layers
+
+
+def swap_modules(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """Put each module at its qualified name in ``model``; returns the replaced ones by name.
+
+    The one way rankwise changes a model's structure: an explicit call, what it replaced
+    returned, so the caller can put it back.
+    """
+    replaced = {}
+    for name, module in modules.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        replaced[name] = getattr(parent, child)
+        setattr(parent, child, module)
+    return replaced
 
 
 def inject_adapter(model: nn.Module, config: LoraConfig) -> dict[str, LowRankExperts]:
@@ -178,12 +192,11 @@ def remove_experts(model: nn.Module) -> dict[str, LowRankExperts]:
     the model is the bare base model again.
     """
     removed = expert_layers(model)
-    for name, layer in removed.items():
+    for layer in removed.values():
         layer.policy.release()
         if layer.merged:
             layer.unmerge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base)
+    swap_modules(model, {name: layer.base for name, layer in removed.items()})
     return removed
 
 

@@ -43,7 +43,13 @@ class ExpertSpec:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-class LowRankExperts(nn.Module):
+class LinearWrapper(nn.Module):
+    """A module that wraps one frozen linear map, kept as ``base`` (adapters see the base)."""
+
+    base: nn.Module
+
+
+class LowRankExperts(LinearWrapper):
     """Wraps a linear map (kept frozen as ``base``) with E low-rank experts.
 
     ``base`` is an ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored [in, out]); the factors

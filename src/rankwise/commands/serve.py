@@ -14,103 +14,63 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rankwise.commands.options import add_options, parse_options
 from rankwise.errors import RankwiseError
 from rankwise.models import ModelOptions
+from rankwise.options import option
 from rankwise.serve.engine import Engine, EngineConfig
 
-DEFAULT_RANK = 16  # --max-rank when DIR holds no adapter yet
-# The least value each numeric flag accepts.
-MINIMUMS = {
-    "max_batch": 1,
-    "max_queued": 0,
-    "hot_slots": 0,
-    "max_rank": 1,
-    "max_prompt_tokens": 1,
-    "max_new_tokens": 1,
-    "port": 0,
-    "threads": 1,
-}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+DEFAULT_RANK = 16  # max_rank when DIR holds no adapter yet
 GRACE_SECONDS = 30  # how long SIGTERM waits for requests in flight
+
+
+@dataclass
+class ServeOptions(EngineConfig, ModelOptions):
+    """``rankwise serve``: the model, the adapters folder, the address and the engine's limits.
+
+    The two bases declare disjoint settings; ``max_rank`` unset means the largest rank in DIR.
+    """
+
+    adapters: str = option("", "folder whose sub-folders are PEFT adapters, served by name")
+    max_rank: int | None = option(
+        None,
+        f"largest adapter rank accepted (unset: the largest in DIR, or {DEFAULT_RANK})",
+        within="[1, inf)",
+    )
+    host: str = option("127.0.0.1", "address to bind")
+    port: int = option(8000, "port (0 picks a free one)", within="[0, 65535]")
+    api_key: str | None = option(
+        None,
+        "require 'Authorization: Bearer KEY' (unset: $RANKWISE_API_KEY); admin endpoints are "
+        "off without one",
+    )
+    scan_interval: float = option(
+        2.0,
+        "seconds between scans of DIR for added or removed adapters (0: off)",
+        within="[0, inf)",
+    )
+    threads: int | None = option(
+        None, "CPU threads for the model (unset: torch's)", within="[1, inf)"
+    )
+    log_level: str = option("info", "server log level", choices=LOG_LEVELS)
+
+    def check(self) -> None:
+        super().check()
+        if not self.adapters:
+            raise RankwiseError("give the adapter folder to serve: --adapters DIR")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve", help="serve many adapters on one base model over an OpenAI-compatible API"
     )
-    add_arguments(parser)
+    add_options(parser, ServeOptions)
     parser.set_defaults(func=run)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = EngineConfig()
-    parser.add_argument(
-        "--adapters",
-        required=True,
-        metavar="DIR",
-        help="folder whose sub-folders are PEFT adapters, served by folder name",
-    )
-    ModelOptions.add_flags(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get("RANKWISE_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default $RANKWISE_API_KEY); "
-        "admin endpoints are off without one",
-    )
-    parser.add_argument(
-        "--max-batch",
-        type=int,
-        default=defaults.max_batch,
-        help="sequences decoded together per step",
-    )
-    parser.add_argument(
-        "--max-queued",
-        type=int,
-        default=defaults.max_queued,
-        help="requests waiting beyond the batch before new ones get 429",
-    )
-    parser.add_argument(
-        "--hot-slots",
-        type=int,
-        default=defaults.hot_slots,
-        help="adapters held in the layers at once (0: --max-batch); the rest wait in host memory",
-    )
-    parser.add_argument(
-        "--max-rank",
-        type=int,
-        default=None,
-        help=f"largest adapter rank accepted (default: the largest in DIR, or {DEFAULT_RANK})",
-    )
-    parser.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        default=defaults.max_prompt_tokens,
-        help="longest prompt accepted",
-    )
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=defaults.max_new_tokens,
-        help="largest max_tokens accepted",
-    )
-    parser.add_argument(
-        "--scan-interval",
-        type=float,
-        default=2.0,
-        help="seconds between scans of DIR for added or removed adapters (0: off)",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for the model (default: torch's)"
-    )
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="server log level",
-    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -122,46 +82,39 @@ def run(args: argparse.Namespace) -> None:
     from rankwise.serve.server import DrainingServer
     from rankwise.serve.worker import EngineThread
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    for flag, least in MINIMUMS.items():
-        value = getattr(args, flag)
-        if value is not None and value < least:
-            raise RankwiseError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
-    if not Path(args.adapters).is_dir():
-        raise RankwiseError(f"adapter directory '{args.adapters}' does not exist")
-    sock = listen(args.host, args.port)  # before the slow model load, so a busy port fails fast
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = ModelOptions.from_args(args).load()
-    config = EngineConfig(
-        max_batch=args.max_batch,
-        max_queued=args.max_queued,
-        hot_slots=args.hot_slots,
-        max_rank=args.max_rank or largest_rank(args.adapters) or DEFAULT_RANK,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens=args.max_new_tokens,
+    options = parse_options(args)
+    logging.basicConfig(
+        level=options.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    engine = Engine(loaded.model, loaded.tokenizer, config)
+    if not Path(options.adapters).is_dir():
+        raise RankwiseError(f"adapter directory '{options.adapters}' does not exist")
+    sock = listen(options.host, options.port)  # before the slow model load: a busy port fails fast
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    loaded = options.load()
+    rank = options.max_rank or largest_rank(options.adapters) or DEFAULT_RANK
+    engine = Engine(loaded.model, loaded.tokenizer, replace(options, max_rank=rank))
     worker = EngineThread(engine)
-    folder = AdapterFolder(args.adapters, engine, loaded.name)
+    folder = AdapterFolder(options.adapters, engine, loaded.name)
     folder.scan()
 
     def start() -> None:
         worker.start()
-        if args.scan_interval > 0:
-            folder.watch(args.scan_interval)
+        if options.scan_interval > 0:
+            folder.watch(options.scan_interval)
 
     def stop() -> None:
         folder.stop()
         worker.stop()
 
-    app = Api(engine, folder, loaded.name).app(args.api_key, start, stop)
+    api_key = options.api_key or os.environ.get("RANKWISE_API_KEY")
+    app = Api(engine, folder, loaded.name).app(api_key, start, stop)
     server = DrainingServer(
         uvicorn.Config(
             app,
-            log_level=args.log_level,
+            log_level=options.log_level,
             timeout_graceful_shutdown=GRACE_SECONDS,
-            access_log=args.log_level == "debug",
+            access_log=options.log_level == "debug",
         ),
         worker,
     )
@@ -188,20 +141,11 @@ def listen(host: str, port: int) -> socket.socket:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``rankwise serve`` on its own: ``python -m rankwise.commands.serve --adapters DIR ...``."""
-    parser = argparse.ArgumentParser(
-        prog="rankwise serve", description="Serve many adapters on one base model (OpenAI API)."
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except RankwiseError as err:
-        if args.debug:
-            raise
-        print(f"rankwise: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    from rankwise.cli import main as rankwise
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    debug = ["--debug"] if "--debug" in words else []
+    return rankwise([*debug, "serve", *(w for w in words if w != "--debug")])
 
 
 if __name__ == "__main__":

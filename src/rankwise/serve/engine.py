@@ -18,9 +18,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rankwise.adapters.peft_format import LoraWeights
 from rankwise.errors import RankwiseError
+from rankwise.options import Options, option
 from rankwise.serve.admission import Limits, Queue
 from rankwise.serve.kv import swap_remove
-from rankwise.serve.plans import Planner
+from rankwise.serve.plans import STRATEGIES, Planner
 from rankwise.serve.requests import Chunk, Event, Failure, GenerationRequest, Ticket, UnknownModel
 from rankwise.serve.runner import Runner
 from rankwise.serve.sampling import eos_ids, generator_for, sample
@@ -30,18 +31,35 @@ from rankwise.serve.text import TextStream
 SHUTDOWN = Failure("the server is shutting down", "shutting_down")
 
 
+AT_LEAST_ONE = "[1, inf)"
+
+
 @dataclass
-class EngineConfig:
+class EngineConfig(Options):
     """Engine limits; each is also a ``rankwise serve`` flag of the same name."""
 
-    max_batch: int = 32  # sequences decoded together in one step
-    max_queued: int = 128  # requests waiting beyond the running batch before new ones get 429
-    hot_slots: int = 0  # adapters held in the layers at once; 0 means max_batch
-    max_rank: int = 16  # largest adapter rank accepted; every slot is padded to it
-    max_prompt_tokens: int = 2048  # longest prompt accepted
-    max_new_tokens: int = 1024  # largest max_tokens accepted
-    prefill_tokens: int = 2048  # padded prompt tokens prefilled per step (at least one prompt)
-    strategy: str = "auto"  # how a mixed batch's low-rank term is computed (serve.plans)
+    max_batch: int = option(32, "sequences decoded together per step", within=AT_LEAST_ONE)
+    max_queued: int = option(
+        128, "requests waiting beyond the batch before new ones get 429", within="[0, inf)"
+    )
+    hot_slots: int = option(
+        0,
+        "adapters held in the layers at once (0: max_batch); the rest wait in host memory",
+        within="[0, inf)",
+    )
+    max_rank: int = option(
+        16, "largest adapter rank accepted; every slot is padded to it", within=AT_LEAST_ONE
+    )
+    max_prompt_tokens: int = option(2048, "longest prompt accepted", within=AT_LEAST_ONE)
+    max_new_tokens: int = option(1024, "largest max_tokens accepted", within=AT_LEAST_ONE)
+    prefill_tokens: int = option(
+        2048,
+        "padded prompt tokens prefilled per step (at least one prompt)",
+        within=AT_LEAST_ONE,
+    )
+    strategy: str = option(
+        "auto", "how a mixed batch's low-rank term is computed", choices=lambda: list(STRATEGIES)
+    )
 
 
 @dataclass(eq=False)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rankwise.adapters.layer import LinearWrapper
 from rankwise.architectures import linear_shape
 from rankwise.serve.plans import Planner
 
 
-class SlotLinear(nn.Module):
+class SlotLinear(LinearWrapper):
     """Wraps a frozen ``nn.Linear`` or GPT-2 ``Conv1D`` (kept as ``base``) with adapter slots."""
 
     def __init__(self, base: nn.Module, slots: int, rank: int, planner: Planner):

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rankwise.adapters.inject import swap_modules
 from rankwise.adapters.peft_format import LoraWeights, check_compatible
-from rankwise.serve.inject import swap_modules, swapped
 from rankwise.serve.layer import SlotLinear
 from rankwise.serve.plans import Planner
 
@@ -52,15 +52,13 @@ class SlotPool:
             raise ValueError("the pool needs at least 2 slots (slot 0 is the base model)")
         self.model, self.planner, self.slots, self.rank = model, planner, slots, rank
         self.layers: dict[str, SlotLinear] = {}
-        self.replaced: dict[str, nn.Module] = {}  # what the slot layers took the place of
         self.lru: OrderedDict[HostAdapter, int] = OrderedDict()  # hot adapter -> slot, oldest first
         self.pins = [0] * slots  # running sequences per slot
         self.load_times: list[float] = []  # seconds per load into a slot
 
     def check(self, weights: LoraWeights, source: str) -> None:
-        """``check_compatible`` against the model as it was before any slot layer went in."""
-        with swapped(self.model, self.replaced):
-            check_compatible(self.model, weights, source)
+        """``check_compatible`` against the model's linear maps (the slot layers' bases)."""
+        check_compatible(self.model, weights, source)
 
     def acquire(self, adapter: HostAdapter | None) -> int | None:
         """A slot holding ``adapter`` (loaded if needed), pinned for one sequence; None if full."""
@@ -120,5 +118,5 @@ class SlotPool:
             for module in adapter.factors
             if module not in self.layers
         }
-        self.replaced.update(swap_modules(self.model, layers))
+        swap_modules(self.model, layers)
         self.layers.update(layers)
