@@ -182,3 +182,18 @@ def test_loraplus_updates_equal_peft():
         torch.testing.assert_close(layer.lora_A, after[f"{name}.lora_A.weight"])
         torch.testing.assert_close(layer.lora_B, after[f"{name}.lora_B.weight"])
     assert [g["lr_scale"] for g in groups] == [1.0, 16.0]
+
+
+def test_dora_adapters_are_refused_where_they_cannot_work(tmp_path):
+    """X-LoRA mixes plain adapters per token and the server batches plain adapters."""
+    from test_serve_support import tiny_tokenizer
+
+    from rankwise.mixture import build_mixture
+    from rankwise.serve.engine import Engine, EngineConfig
+
+    save_adapter(dora_model("llama"), tmp_path / "d")
+    with pytest.raises(RankwiseError, match="is a DoRA adapter"):
+        build_mixture(tiny_model("llama"), "xlora", {"adapters": [str(tmp_path / "d")]})
+    engine = Engine(tiny_model("llama"), tiny_tokenizer(), EngineConfig(max_rank=8))
+    with pytest.raises(RankwiseError, match="is a DoRA adapter"):
+        engine.register("d", read_adapter(tmp_path / "d"))

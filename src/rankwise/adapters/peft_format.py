@@ -245,27 +245,34 @@ def check_compatible(model: nn.Module, weights: LoraWeights, source: str = "adap
             )
 
 
+def stacked_specs(
+    model: nn.Module, adapters: Sequence[LoraWeights], names: Sequence[str]
+) -> dict[str, list[ExpertSpec]]:
+    """Experts 0..N-1 of every module some adapter touches, each adapter checked against the
+    model; a module an adapter leaves out gets a rank-0 expert there, so expert e is adapter e
+    in every layer. A DoRA adapter only stands alone (its magnitudes rescale the whole layer).
+    """
+    for name, weights in zip(names, adapters, strict=True):
+        check_compatible(model, weights, f"adapter {name}")
+    if len(adapters) > 1 and any(w.magnitudes for w in adapters):
+        dora = next(n for n, w in zip(names, adapters, strict=True) if w.magnitudes)
+        raise RankwiseError(
+            f"adapter {dora} is a DoRA adapter: DoRA adapters attach one at a time (their "
+            "magnitudes rescale the whole layer), never as experts beside other adapters"
+        )
+    modules = list(dict.fromkeys(m for w in adapters for m in w.factors))
+    return {
+        m: [w.expert(m) if m in w.factors else ExpertSpec(0, 1.0) for w in adapters]
+        for m in modules
+    }
+
+
 @torch.no_grad()
 def attach_adapters(
     model: nn.Module, adapters: Sequence[LoraWeights], names: Sequence[str] | None = None
 ) -> dict[str, LowRankExperts]:
-    """Inject the adapters as experts 0..N-1 of each layer they touch.
-
-    A module some adapter leaves out gets a rank-0 expert there, so expert e is adapter e in every
-    layer.
-    """
-    for i, weights in enumerate(adapters):
-        check_compatible(model, weights, f"adapter {names[i] if names else i}")
-    if len(adapters) > 1 and any(w.magnitudes for w in adapters):
-        raise RankwiseError(
-            "DoRA adapters attach one at a time: their magnitudes rescale the whole layer, so "
-            "they cannot be experts beside other adapters"
-        )
-    modules = list(dict.fromkeys(m for w in adapters for m in w.factors))
-    specs = {
-        m: [w.expert(m) if m in w.factors else ExpertSpec(0, 1.0) for w in adapters]
-        for m in modules
-    }
+    """Inject the adapters as experts 0..N-1 of each layer they touch (``stacked_specs``)."""
+    specs = stacked_specs(model, adapters, names or [str(i) for i in range(len(adapters))])
     layers = inject_experts(model, specs)
     for module, magnitude in adapters[0].magnitudes.items() if adapters else ():
         layers[module].policy = DoRA(layers[module], magnitude)

@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import Cache, DynamicCache
 
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
-from rankwise.adapters.peft_format import check_compatible, copy_factors, read_adapter
+from rankwise.adapters.peft_format import copy_factors, read_adapter, stacked_specs
 from rankwise.errors import RankwiseError
 from rankwise.options import Options, option
 from rankwise.routers.base import Router, dense_gates, routed_sum, top_k_softmax
@@ -145,13 +145,13 @@ class XLoRA(Router):
     @classmethod
     def layer_specs(cls, model: nn.Module, config: XLoRAOptions) -> dict[str, list[ExpertSpec]]:
         weights = [read_adapter(path) for path in config.adapters]
-        for path, adapter in zip(config.adapters, weights, strict=True):
-            check_compatible(model, adapter, f"adapter '{path}'")
-        modules = list(dict.fromkeys(m for w in weights for m in w.factors))
-        return {
-            m: [w.expert(m) if m in w.factors else ExpertSpec(0, 1.0) for w in weights]
-            for m in modules
-        }
+        dora = [path for path, w in zip(config.adapters, weights, strict=True) if w.magnitudes]
+        if dora:
+            raise RankwiseError(
+                f"xlora mixes plain LoRA adapters; '{dora[0]}' is a DoRA adapter (its magnitudes "
+                "rescale the whole layer, which a per-token mix of experts cannot keep)"
+            )
+        return stacked_specs(model, weights, [f"'{path}'" for path in config.adapters])
 
     @classmethod
     def initialise(
