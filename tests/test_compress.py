@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -176,3 +179,27 @@ def test_bad_ratio_fails_before_calibration():
     """The ratio is checked first: the missing calibration file is never read."""
     with pytest.raises(RankwiseError, match=r"ratios must lie in \[0, 1\)"):
         compress(tiny_llama(), None, "a3", 1.5, data="/nonexistent/calib.jsonl")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_options_are_declared_for_the_command_line(method):
+    """Every option is a ``rankwise.options`` field with a help line, so flags can be generated."""
+    cls = METHODS[method]
+    parser = argparse.ArgumentParser()
+    cls.add_flags(parser)
+    fields = dataclasses.fields(cls)
+    assert all(f.metadata["help"] for f in fields)
+    flags = {a.dest for a in parser._actions} - {"help"}
+    assert flags == {f.name for f in fields}
+    assert make_compressor(method).settings()["method"] == method
+
+
+def test_option_values_are_validated():
+    with pytest.raises(RankwiseError, match=r"damping must be in \[0, inf\)"):
+        make_compressor("a3", damping=-1.0)
+    with pytest.raises(RankwiseError, match="alpha must be float"):
+        make_compressor("asvd", alpha="half")
+    parser = argparse.ArgumentParser()
+    METHODS["a3"].add_flags(parser)
+    args = parser.parse_args(["--components", "qk,mlp"])
+    assert make_compressor("a3", **METHODS["a3"].values_from_args(args)).components == ["qk", "mlp"]

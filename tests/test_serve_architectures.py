@@ -18,7 +18,8 @@ from test_serve_support import (  # one_thread: an autouse fixture
 )
 
 from rankwise import RankwiseError
-from rankwise.adapters.peft_format import attach_adapters, write_adapter
+from rankwise.adapters.attach import attach_adapters
+from rankwise.adapters.peft_format import write_adapter
 from rankwise.serve.engine import Engine, EngineConfig
 from rankwise.serve.folder import AdapterFolder
 from rankwise.serve.requests import GenerationRequest

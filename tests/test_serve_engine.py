@@ -13,8 +13,8 @@ from test_serve_support import (  # one_thread: an autouse fixture
 )
 
 from rankwise import RankwiseError
+from rankwise.adapters.attach import attach_adapters
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
-from rankwise.adapters.peft_format import attach_adapters
 from rankwise.serve.engine import Engine, EngineConfig
 from rankwise.serve.kv import swap_remove
 from rankwise.serve.plans import plan_auto

@@ -97,3 +97,58 @@ def attention_windows(config: PretrainedConfig) -> dict[str | None, int | None]:
             "full and sliding-window attention"
         )
     return {kind: window if kind == "sliding_attention" else None for kind in dict.fromkeys(kinds)}
+
+
+# Linear maps that read the very tensor a sibling in the same parent module reads, by model
+# type, so one calibration statistic serves both. Fused projections (Phi-3's qkv_proj and
+# gate_up_proj, GPT-NeoX's query_key_value, GPT-2's c_attn) share by fusion. Keyed by model type,
+# not by name alone, because the names lie elsewhere: a cross-attention's k_proj reads another
+# tensor than its q_proj. An unlisted type shares nothing, which is correct, only costlier.
+LLAMA_SHARED_INPUTS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+SHARED_INPUTS: dict[str, dict[str, str]] = {
+    model_type: LLAMA_SHARED_INPUTS
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+}
+
+# Model types whose decoder layers are Llama's: self_attn.{q,k,v,o}_proj (GQA), RoPE by
+# rotate_half over the whole head, mlp.{gate,up,down}_proj. They differ only in data: q/k/v
+# biases (Qwen2), a per-head RMSNorm of queries and keys before RoPE (Qwen3's q_norm, k_norm)
+# and sliding windows (Mistral, Qwen2/3 layers marked "sliding_attention").
+LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")
+QK_NORMED = ("qwen3",)
+
+
+def shared_input(config: PretrainedConfig, name: str) -> str:
+    """The module whose input ``name`` reads (``....k_proj`` -> ``....q_proj``), else ``name``."""
+    parent, _, child = name.rpartition(".")
+    sibling = SHARED_INPUTS.get(config.model_type, {}).get(child)
+    return f"{parent}.{sibling}" if sibling else name
+
+
+def attention_shape(config: PretrainedConfig) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head width) of the uncompressed attention."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads  # GPT-2, GPT-NeoX: MHA
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+def rotary_fraction(config: PretrainedConfig) -> float:
+    """The fraction of each head that RoPE rotates (GPT-NeoX's ``rotary_pct``; 1 for Llama)."""
+    return (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+
+
+def attention_window(config: PretrainedConfig, layer_idx: int) -> int | None:
+    """The sliding window of decoder layer ``layer_idx``, None for full causal attention.
+
+    Qwen2/3 and Gemma2 mark each layer in ``layer_types``; Mistral slides in every layer.
+    """
+    kinds = getattr(config, "layer_types", None)
+    return attention_windows(config)[kinds[layer_idx] if kinds is not None else None]
+
+
+def qk_norms(attention: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The per-head (q_norm, k_norm) a Llama-style attention applies before RoPE, or None."""
+    if attention.config.model_type in QK_NORMED:
+        return attention.q_norm, attention.k_norm
+    return None

@@ -11,6 +11,8 @@ An options class is a dataclass subclass of ``Options`` whose fields are declare
 - ``from_args``: a YAML file's values, overridden by every flag given on the command line.
 
 Lists are comma-separated on the command line; mappings (``rank_pattern``) are YAML-only.
+Verbs with many methods take each method's settings flat (``method_settings``). It is one file
+because declaration, validation and flag generation are one mechanism read together.
 """
 
 from __future__ import annotations
@@ -123,6 +125,53 @@ class Options:
     def as_dict(self) -> dict[str, Any]:
         """The settings as plain values (what checkpoints and saved records store)."""
         return dataclasses.asdict(self)
+
+
+def method_settings(
+    values: Mapping[str, Any],
+    own: Iterable[str],
+    methods: Mapping[str, type[Options]],
+    chosen: str | None,
+    what: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split flat settings into a verb's own and those of the method it chose.
+
+    A verb with many methods (``compress --method``, ``merge --method``) takes every method's
+    settings as flat keys and flags; a key of another method is an error that says whose it is,
+    and a key nobody declares is the usual unknown-key error.
+    """
+    own = set(own)
+    chosen_fields = set(methods[chosen].__dataclass_fields__) if chosen in methods else set()
+    mine, theirs = {}, {}
+    for key, value in values.items():
+        if key in own:
+            mine[key] = value
+        elif key in chosen_fields:
+            theirs[key] = value
+        else:
+            owners = [n for n, cls in methods.items() if key in cls.__dataclass_fields__]
+            if owners:
+                raise RankwiseError(
+                    f"'{key}' is a setting of {what} {', '.join(owners)}, not of {chosen}"
+                )
+            mine[key] = value  # unknown: the verb's own from_mapping names it
+    return mine, theirs
+
+
+def add_method_flags(parser: argparse.ArgumentParser, methods: Mapping[str, type[Options]]) -> None:
+    """Every method's settings as flags, each name once (its help from the first declaring it)."""
+    for cls in methods.values():
+        cls.add_flags(parser)
+
+
+def method_values_from_args(
+    args: argparse.Namespace, methods: Mapping[str, type[Options]]
+) -> dict[str, Any]:
+    """The method settings given as flags, by name."""
+    values: dict[str, Any] = {}
+    for cls in methods.values():
+        values |= cls.values_from_args(args)
+    return values
 
 
 def flagless(default: Any, help: str) -> Any:

@@ -1,5 +1,13 @@
 """Low-rank experts: the layer, injection into a model, init schemes and PEFT's file format."""
 
+from rankwise.adapters.attach import (
+    attach_adapters,
+    check_compatible,
+    copy_factors,
+    load_adapter,
+    save_adapter,
+    weights_from_model,
+)
 from rankwise.adapters.inject import (
     LoraConfig,
     count_parameters,
@@ -13,16 +21,7 @@ from rankwise.adapters.inject import (
     unmerge_experts,
 )
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
-from rankwise.adapters.peft_format import (
-    LoraWeights,
-    attach_adapters,
-    copy_factors,
-    load_adapter,
-    read_adapter,
-    save_adapter,
-    weights_from_model,
-    write_adapter,
-)
+from rankwise.adapters.peft_format import LoraWeights, read_adapter, write_adapter
 
 __all__ = [
     "ExpertSpec",
@@ -30,6 +29,7 @@ __all__ = [
     "LoraWeights",
     "LowRankExperts",
     "attach_adapters",
+    "check_compatible",
     "copy_factors",
     "count_parameters",
     "describe_trainable",

@@ -11,25 +11,17 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from rankwise.adapters.dora import DoRA
 from rankwise.adapters.inject import (
-    adaptable_modules,
-    expert_layers,
-    inject_experts,
-    module_kinds,
     pattern_key,
 )
-from rankwise.adapters.layer import ExpertSpec, LowRankExperts
-from rankwise.architectures import linear_shape
+from rankwise.adapters.layer import ExpertSpec
 from rankwise.atomic import atomic_file
 from rankwise.errors import RankwiseError
 
@@ -215,121 +207,3 @@ def peft_config(weights: LoraWeights) -> dict:
         "inference_mode": True,
         "modules_to_save": None,
     }
-
-
-def check_compatible(model: nn.Module, weights: LoraWeights, source: str = "adapter") -> None:
-    """Raise naming the module and both shapes if ``weights`` do not fit the model's layers."""
-    available = adaptable_modules(model)
-    for module, (a, b) in weights.factors.items():
-        if module not in available:
-            raise RankwiseError(
-                f"{source} targets '{module}', which this model does not have "
-                f"(its linear layers are {', '.join(module_kinds(available))}); "
-                f"was it trained for another base model ({weights.base_model})?"
-            )
-        fan_in, fan_out = linear_shape(available[module])
-        expected_a = [a.shape[0], fan_in]
-        expected_b = [fan_out, b.shape[1]]
-        if list(a.shape) != expected_a or list(b.shape) != expected_b:
-            raise RankwiseError(
-                f"{source} does not fit this model at '{module}': lora_A {list(a.shape)} and "
-                f"lora_B {list(b.shape)}, but the layer needs {expected_a} and {expected_b} "
-                f"(weight {[fan_out, fan_in]}); "
-                f"it was trained for {weights.base_model or 'another base model'}"
-            )
-        magnitude = weights.magnitudes.get(module)
-        if magnitude is not None and list(magnitude.shape) != [fan_out]:
-            raise RankwiseError(
-                f"{source} does not fit this model at '{module}': its DoRA magnitude has shape "
-                f"{list(magnitude.shape)}, but the layer needs [{fan_out}]"
-            )
-
-
-def stacked_specs(
-    model: nn.Module, adapters: Sequence[LoraWeights], names: Sequence[str]
-) -> dict[str, list[ExpertSpec]]:
-    """Experts 0..N-1 of every module some adapter touches, each adapter checked against the
-    model; a module an adapter leaves out gets a rank-0 expert there, so expert e is adapter e
-    in every layer. A DoRA adapter only stands alone (its magnitudes rescale the whole layer).
-    """
-    for name, weights in zip(names, adapters, strict=True):
-        check_compatible(model, weights, f"adapter {name}")
-    if len(adapters) > 1 and any(w.magnitudes for w in adapters):
-        dora = next(n for n, w in zip(names, adapters, strict=True) if w.magnitudes)
-        raise RankwiseError(
-            f"adapter {dora} is a DoRA adapter: DoRA adapters attach one at a time (their "
-            "magnitudes rescale the whole layer), never as experts beside other adapters"
-        )
-    modules = list(dict.fromkeys(m for w in adapters for m in w.factors))
-    return {
-        m: [w.expert(m) if m in w.factors else ExpertSpec(0, 1.0) for w in adapters]
-        for m in modules
-    }
-
-
-@torch.no_grad()
-def attach_adapters(
-    model: nn.Module, adapters: Sequence[LoraWeights], names: Sequence[str] | None = None
-) -> dict[str, LowRankExperts]:
-    """Inject the adapters as experts 0..N-1 of each layer they touch (``stacked_specs``)."""
-    specs = stacked_specs(model, adapters, names or [str(i) for i in range(len(adapters))])
-    layers = inject_experts(model, specs)
-    for module, magnitude in adapters[0].magnitudes.items() if adapters else ():
-        layers[module].policy = DoRA(layers[module], magnitude)
-    copy_factors(layers, adapters)
-    return layers
-
-
-@torch.no_grad()
-def copy_factors(layers: dict[str, LowRankExperts], adapters: Sequence[LoraWeights]) -> None:
-    """Copy adapter e's factors into expert e of every layer the adapter has weights for
-    (and a DoRA adapter's magnitudes into its layers' DoRA policies)."""
-    for module, layer in layers.items():
-        for e, weights in enumerate(adapters):
-            if module in weights.factors:
-                a, b = layer.expert_factors(e)
-                a.copy_(weights.factors[module][0])
-                b.copy_(weights.factors[module][1])
-            if module in weights.magnitudes:
-                layer.adapter_params()["lora_magnitude_vector"].copy_(weights.magnitudes[module])
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, LowRankExperts]:
-    """Read a PEFT adapter folder and attach it to the model as a single expert per module."""
-    return attach_adapters(model, [read_adapter(path)], [str(path)])
-
-
-def weights_from_model(
-    model: nn.Module, expert: int = 0, base_model: str | None = None
-) -> LoraWeights:
-    """Copy one expert out of every adapted layer of a model as standalone weights."""
-    layers = expert_layers(model)
-    if not layers:
-        raise RankwiseError("the model has no adapters to save")
-    factors, alphas, rslora, dropouts, transposed = {}, {}, set(), set(), False
-    magnitudes = {}
-    for name, layer in layers.items():
-        spec = layer.experts[expert]
-        if spec.rank == 0:
-            continue
-        a, b = layer.expert_factors(expert)
-        factors[name] = (a.detach().clone(), b.detach().clone())
-        alphas[name] = spec.alpha
-        rslora.add(spec.use_rslora)
-        dropouts.add(spec.dropout)
-        transposed |= layer.fan_in_fan_out
-        params = layer.adapter_params()
-        if "lora_magnitude_vector" in params:
-            magnitudes[name] = params["lora_magnitude_vector"].detach().clone()
-    if len(rslora) > 1:
-        raise RankwiseError("PEFT's format needs one use_rslora setting for the whole adapter")
-    return LoraWeights(
-        factors, alphas, rslora.pop(), max(dropouts), base_model, transposed, magnitudes
-    )
-
-
-def save_adapter(
-    model: nn.Module, path: str | os.PathLike, base_model: str | None = None, expert: int = 0
-) -> Path:
-    """Save one expert of the model's adapters as a PEFT adapter folder."""
-    return write_adapter(weights_from_model(model, expert, base_model), path)

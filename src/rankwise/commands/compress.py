@@ -3,82 +3,104 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
+from rankwise.commands.options import add_options, parse_options
 from rankwise.compress import METHODS, compress, save_compressed
-from rankwise.compress.a3 import COMPONENTS
 from rankwise.compress.calibration import DEFAULT_DATA
 from rankwise.compress.storage import check_output_folder
+from rankwise.configfile import load_yaml
+from rankwise.errors import RankwiseError
 from rankwise.models import ModelOptions
+from rankwise.options import (
+    add_method_flags,
+    flagless,
+    method_settings,
+    method_values_from_args,
+    option,
+)
+
+
+@dataclass
+class CompressOptions(ModelOptions):
+    """``rankwise compress``: the method, how much to remove, the calibration data, the output.
+
+    The method's own settings (``damping``, ``alpha``, ``components``, ...) are flat keys and
+    flags too; ``settings`` holds those of the chosen method.
+    """
+
+    method: str | None = option(None, "compression method", choices=lambda: list(METHODS))
+    ratio: float | list[float] | None = option(
+        None,
+        "fraction of decoder linear-layer parameters to remove, e.g. 0.2, or one value per "
+        "layer separated by commas (mixed rank)",
+        within="[0, 1)",
+    )
+    calib: str = option(DEFAULT_DATA, "calibration data: a data spec or path")
+    samples: int = option(32, "calibration sequences", within="[1, inf)")
+    seq_len: int = option(256, "tokens per calibration sequence", within="[2, inf)")
+    seed: int = option(0, "which calibration blocks are drawn")
+    output: str = option("", "folder to write the compressed model into")
+    settings: dict[str, Any] = flagless({}, "the chosen method's own settings")
+
+    def check(self) -> None:
+        super().check()
+        for name, flag in (("method", "--method"), ("ratio", "--ratio"), ("output", "-o")):
+            if getattr(self, name) in (None, ""):
+                raise RankwiseError(f"give the {name} to compress with ({flag})")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> CompressOptions:
+        own, settings = method_settings(
+            values, cls.__dataclass_fields__, METHODS, values.get("method"), "method"
+        )
+        return super().from_mapping({**own, "settings": settings}, source)
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser, skip=()) -> None:
+        super().add_flags(parser, skip)
+        add_method_flags(parser, METHODS)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, config_file: str | None = None):
+        values = load_yaml(config_file) if config_file else {}
+        values |= cls.values_from_args(args) | method_values_from_args(args, METHODS)
+        return cls.from_mapping(values, config_file or "flags")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "compress", help="compress the base model's linear layers (svd, asvd, svd-llm, a3)"
+        "compress",
+        help=f"compress the base model's linear layers ({', '.join(METHODS)})",
+        description="Compress the base model. Every method's settings are flags (a setting of "
+        "another method is an error); YAML keys are the same names.",
     )
-    ModelOptions.add_flags(parser)
-    parser.add_argument("--method", required=True, choices=list(METHODS), help="compression method")
-    parser.add_argument(
-        "--ratio",
-        required=True,
-        type=ratios,
-        help="fraction of decoder linear-layer parameters to remove, e.g. 0.2, or one value "
-        "per layer separated by commas (mixed rank)",
-    )
-    parser.add_argument(
-        "--calib", default=DEFAULT_DATA, help=f"calibration data spec or path ({DEFAULT_DATA})"
-    )
-    parser.add_argument("--samples", type=int, default=32, help="calibration sequences")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
-    parser.add_argument("--seed", type=int, default=0, help="which calibration blocks are drawn")
-    parser.add_argument(
-        "--damping", type=float, help="svd-llm, a3: diagonal damping relative to its mean"
-    )
-    parser.add_argument("--alpha", type=float, help="asvd: activation scaling exponent")
-    parser.add_argument(
-        "--components",
-        type=lambda text: tuple(text.split(",")),
-        help=f"a3: components to shrink, comma-separated from {','.join(COMPONENTS)}",
-    )
-    parser.add_argument("-o", "--output", required=True, help="folder to write the model into")
+    parser.add_argument("-o", "--output", default=None, help="folder to write the model into")
+    add_options(parser, CompressOptions)
     parser.set_defaults(func=run)
 
 
-def ratios(text: str) -> float | list[float]:
-    """One ratio, or a comma-separated list of per-layer ratios."""
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not a ratio or list of ratios: '{text}'") from err
-    return values[0] if len(values) == 1 else values
-
-
 def run(args: argparse.Namespace) -> None:
-    check_output_folder(args.output)  # before minutes of calibration, not after
-    loaded = ModelOptions.from_args(args).load()
-    options = {
-        key: value
-        for key, value in (
-            ("damping", args.damping),
-            ("alpha", args.alpha),
-            ("components", args.components),
-        )
-        if value is not None
-    }
+    options = parse_options(args)
+    check_output_folder(options.output)  # before minutes of calibration, not after
+    loaded = options.load()
     record = compress(
         loaded.model,
         loaded.tokenizer,
-        args.method,
-        args.ratio,
-        data=args.calib,
-        samples=args.samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        options=options,
+        options.method,
+        options.ratio,
+        data=options.calib,
+        samples=options.samples,
+        seq_len=options.seq_len,
+        seed=options.seed,
+        options=options.settings,
         base_model=loaded.name,
     )
-    plain = save_compressed(loaded.model, loaded.tokenizer, args.output, record)
+    plain = save_compressed(loaded.model, loaded.tokenizer, options.output, record)
     kind = "a plain transformers model" if plain else "rankwise's compressed format"
-    print(f"wrote {args.output} ({kind})")
+    print(f"wrote {options.output} ({kind})")
     print(cost_table(record["costs"]["before"], record["costs"]["after"]))
 
 

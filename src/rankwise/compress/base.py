@@ -1,9 +1,10 @@
 """The compressor contract, the per-layer driver and helpers the methods share.
 
 A method is a dataclass subclass of ``Compressor`` in its own file, registered by name in
-``rankwise.compress.registry``. It declares the calibration statistics it needs and rewrites one
-decoder layer at a time, in place; the ratio is the fraction of that layer's linear-layer
-parameters to remove.
+``rankwise.compress.registry``; its settings are ``rankwise.options`` fields, so a command line
+can list them. It checks the model before any calibration (``check_model``), declares the
+calibration statistics it needs and rewrites one decoder layer at a time, in place; the ratio is
+the fraction of that layer's linear-layer parameters to remove.
 """
 
 from __future__ import annotations
@@ -16,19 +17,27 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from rankwise.architectures import decoder_blocks, is_linear, shared_input
 from rankwise.compress.attention import A3Attention
 from rankwise.compress.calibration import Statistics
 from rankwise.compress.lowrank import LowRankLinear
 from rankwise.errors import RankwiseError
-
-# Linear layers that read the same tensor as a sibling, so one statistic serves both.
-SHARED_INPUTS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+from rankwise.options import Options
 
 
-class Compressor:
+@dataclasses.dataclass
+class Compressor(Options):
     """Base class of compression methods; every hook raises until a method overrides it."""
 
     name: ClassVar[str] = ""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``RankwiseError`` if the method cannot compress ``model``: runs before calibrating.
+
+        Everything that can be told from the model alone (architecture, layer types, shapes)
+        belongs here, so a bad pairing fails in seconds instead of after the calibration pass.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not check models")
 
     def needs(self, model: nn.Module) -> dict[str, set[str]]:
         """{module name: statistic kinds} whose inputs the method calibrates on."""
@@ -40,29 +49,25 @@ class Compressor:
 
     def settings(self) -> dict:
         """The method's name and options, as the output folder records them."""
-        return {"method": self.name, **dataclasses.asdict(self)}
+        return {"method": self.name, **self.as_dict()}
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, module list) of the model's decoder layers."""
-    for name, module in model.named_modules():
-        if name.rpartition(".")[2] == "layers" and isinstance(module, nn.ModuleList):
-            return name, module
-    raise RankwiseError("the model has no list of decoder layers to compress")
+    """(qualified name, module list) of the model's decoder layers (``layers.N`` or ``h.N``)."""
+    try:
+        return decoder_blocks(model)
+    except LookupError as err:
+        raise RankwiseError(f"nothing to compress: {err}") from err
 
 
 def input_key(model: nn.Module, name: str) -> str:
     """The module whose input statistics stand for ``name``'s input (k/v read q's input, ...)."""
-    parent, _, child = name.rpartition(".")
-    sibling = SHARED_INPUTS.get(child)
-    if sibling is not None and hasattr(model.get_submodule(parent), sibling):
-        return f"{parent}.{sibling}"
-    return name
+    return shared_input(model.config, name)
 
 
-def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers of one decoder layer, by name relative to it."""
-    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
+    """The linear maps (``nn.Linear``, GPT-2's ``Conv1D``) of one decoder layer, by name in it."""
+    return {n: m for n, m in layer.named_modules() if is_linear(m)}
 
 
 def layer_ratios(ratio: float | Sequence[float], count: int) -> list[float]:
@@ -86,16 +91,35 @@ def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
     return gram + shift * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
 
+def check_compressible(
+    model: nn.Module, compressor: Compressor, ratio: float | Sequence[float]
+) -> list[float]:
+    """The per-layer ratios, once everything the model alone can tell has been checked.
+
+    Runs before calibration: the model is not compressed yet, the ratios fit its layers, and
+    the method accepts it (``Compressor.check_model``).
+    """
+    if any(isinstance(m, LowRankLinear | A3Attention) for m in model.modules()):
+        raise RankwiseError("the model is already compressed; compress the original model")
+    _, layers = decoder_layers(model)
+    ratios = layer_ratios(ratio, len(layers))
+    compressor.check_model(model)
+    return ratios
+
+
+def compress_layers(
+    model: nn.Module, compressor: Compressor, ratios: Sequence[float], stats: Statistics
+) -> None:
+    """Compress decoder layer i of a checked model with ``ratios[i]``, showing progress."""
+    for index in tqdm(range(len(ratios)), desc=f"compress {compressor.name}", unit="layer"):
+        compressor.compress_layer(model, index, ratios[index], stats)
+
+
 def compress_model(
     model: nn.Module,
     compressor: Compressor,
     ratio: float | Sequence[float],
     stats: Statistics,
 ) -> None:
-    """Compress every decoder layer of ``model`` in place, showing progress per layer."""
-    if any(isinstance(m, LowRankLinear | A3Attention) for m in model.modules()):
-        raise RankwiseError("the model is already compressed; compress the original model")
-    _, layers = decoder_layers(model)
-    ratios = layer_ratios(ratio, len(layers))
-    for index in tqdm(range(len(layers)), desc=f"compress {compressor.name}", unit="layer"):
-        compressor.compress_layer(model, index, ratios[index], stats)
+    """Check, then compress every decoder layer of ``model`` in place with ready statistics."""
+    compress_layers(model, compressor, check_compressible(model, compressor, ratio), stats)

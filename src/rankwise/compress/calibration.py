@@ -1,8 +1,10 @@
 """Calibration: token blocks from a data spec, and float64 statistics of module inputs.
 
 Statistics are sums over every calibration token divided by the token count, accumulated in
-float64 whatever the model's dtype (as A³ and SVD-LLM do), and collected in one forward pass of
-the uncompressed model through forward pre-hooks.
+float64 whatever the model's dtype (as A³ and SVD-LLM do; float32 on MPS, see ``precision``), on
+the device each input lives on, and collected in one forward pass of the uncompressed model
+through forward pre-hooks. Token ids are host data: they are drawn on the CPU and each batch is
+moved to the model's device.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from rankwise.compress.precision import accumulation_dtype
 from rankwise.data.formatting import encode_example
 from rankwise.data.sources import load_dataset_spec
 from rankwise.errors import RankwiseError
 
 DEFAULT_DATA = "corpus:python-docs"
 GRAM, ABS_MEAN, SQ_MEAN = "gram", "abs_mean", "sq_mean"  # E[x xᵀ], E|x_j|, E[x_j²]
-KINDS = (GRAM, ABS_MEAN, SQ_MEAN)
+MEAN = "mean"  # E[x]
+KINDS = (GRAM, ABS_MEAN, SQ_MEAN, MEAN)
 
 
 @dataclass(frozen=True)
@@ -75,19 +79,25 @@ def calibration_data(
             f"calibration data '{data}' holds {len(stream)} tokens, fewer than "
             f"{samples} samples of {seq_len}; lower --samples or --seq-len"
         )
-    ids = torch.tensor(stream[: blocks * seq_len]).view(blocks, seq_len)  # (blocks, seq_len)
-    chosen = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed))[:samples]
+    ids = torch.tensor(stream[: blocks * seq_len], device="cpu")
+    ids = ids.view(blocks, seq_len)  # (blocks, seq_len)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    chosen = torch.randperm(blocks, generator=generator, device="cpu")[:samples]
     return Calibration(ids[chosen.sort().values], data, split, seed)
 
 
 @dataclass
 class Statistics:
-    """Per-module input statistics (float64), keyed by module name, over ``tokens`` tokens."""
+    """Per-module input statistics, keyed by module name, over ``tokens`` tokens.
+
+    Each lies on the device of the input it describes, in ``accumulation_dtype`` of that device.
+    """
 
     tokens: int
     gram: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x xᵀ], (in, in)
     abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # E|x_j|, (in,)
     sq_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x_j²], (in,)
+    mean: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x], (in,)
 
 
 def merge_needs(*needs: Mapping[str, set[str]]) -> dict[str, set[str]]:
@@ -118,13 +128,16 @@ def collect_statistics(
 
     def hook_for(name: str, kinds: set[str]):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (N, in)
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(accumulation_dtype(x.device))  # (N, in)
             if GRAM in kinds:
                 accumulate(GRAM, name, x.T @ x)
             if ABS_MEAN in kinds:
                 accumulate(ABS_MEAN, name, x.abs().sum(0))
             if SQ_MEAN in kinds:
                 accumulate(SQ_MEAN, name, x.square().sum(0))
+            if MEAN in kinds:
+                accumulate(MEAN, name, x.sum(0))
 
         return hook
 
@@ -140,5 +153,5 @@ def collect_statistics(
         for handle in handles:
             handle.remove()
     tokens = input_ids.numel()
-    means = {kind: {n: s.cpu() / tokens for n, s in sums[kind].items()} for kind in KINDS}
-    return Statistics(tokens, means[GRAM], means[ABS_MEAN], means[SQ_MEAN])
+    means = {kind: {n: s / tokens for n, s in sums[kind].items()} for kind in KINDS}
+    return Statistics(tokens, means[GRAM], means[ABS_MEAN], means[SQ_MEAN], means[MEAN])

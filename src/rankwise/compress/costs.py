@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from rankwise.compress.attention import A3Attention, head_dim_of
+from rankwise.architectures import attention_shape, is_linear
+from rankwise.compress.attention import A3Attention
 from rankwise.compress.base import decoder_layers
 
 DEFAULT_CONTEXT = 512  # tokens of context the attention FLOPs are counted at
@@ -26,12 +27,13 @@ class Costs:
         return asdict(self)
 
 
-def attention_widths(attn: nn.Module, config) -> tuple[int, int, int, int]:
-    """(query heads, KV heads, query/key width, value width) of one attention module."""
-    if isinstance(attn, A3Attention):
-        return attn.num_heads, attn.num_kv_heads, attn.qk_dim, attn.value_dim
-    full = head_dim_of(config)
-    return config.num_attention_heads, config.num_key_value_heads, full, full
+def attention_widths(layer: nn.Module, config) -> tuple[int, int, int, int]:
+    """(query heads, KV heads, query/key width, value width) of one decoder layer's attention."""
+    for module in layer.modules():
+        if isinstance(module, A3Attention):
+            return module.num_heads, module.num_kv_heads, module.qk_dim, module.value_dim
+    heads, kv_heads, full = attention_shape(config)
+    return heads, kv_heads, full, full
 
 
 def model_costs(model: nn.Module, context: int = DEFAULT_CONTEXT) -> Costs:
@@ -41,13 +43,13 @@ def model_costs(model: nn.Module, context: int = DEFAULT_CONTEXT) -> Costs:
         p.numel()
         for layer in layers
         for module in layer.modules()
-        if isinstance(module, nn.Linear)
+        if is_linear(module)
         for p in module.parameters()
     )
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    weights = sum(m.weight.numel() for m in model.modules() if is_linear(m))
     attention_flops, kv_elements = 0, 0
     for layer in layers:
-        heads, kv_heads, qk, value = attention_widths(layer.self_attn, model.config)
+        heads, kv_heads, qk, value = attention_widths(layer, model.config)
         attention_flops += 2 * context * heads * (qk + value)
         kv_elements += kv_heads * (qk + value)
     element = next(model.parameters()).element_size()

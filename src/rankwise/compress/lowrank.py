@@ -2,7 +2,8 @@
 
 The SVD family (plain SVD, ASVD arXiv 2312.05821, SVD-LLM arXiv 2403.07378) differs only in the
 input transform S applied before the SVD: W S = U Σ Vᵀ, then W ≈ (U_r Σ_r^½)(Σ_r^½ V_rᵀ S⁻¹).
-Both halves are plain ``nn.Linear`` modules so LoRA adapters can target them.
+Both halves are plain ``nn.Linear`` modules so LoRA adapters can target them, whatever the layer
+they replace (``nn.Linear`` or GPT-2's ``Conv1D``, whose weight is stored [in, out]).
 """
 
 from __future__ import annotations
@@ -12,14 +13,25 @@ import math
 import torch
 from torch import nn
 
+from rankwise.architectures import dense_weight, linear_shape
+from rankwise.compress.precision import for_factoring
+
 
 class LowRankLinear(nn.Module):
     """y = second(first(x)): ``first`` maps in -> rank, ``second`` maps rank -> out (+ bias)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
-        self.first = nn.Linear(in_features, rank, bias=False)
-        self.second = nn.Linear(rank, out_features, bias=bias)
+        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
@@ -49,10 +61,11 @@ def low_rank_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(first [rank, in], second [out, rank]) from the truncated SVD of weight·scale, in float64.
 
-    ``scale`` is the input transform S ([in, in]; None for the identity) and ``scale_inv`` its
-    inverse, applied to the first factor so that second @ first ≈ weight.
+    ``weight`` is [out, in]; ``scale`` is the input transform S ([in, in]; None for the
+    identity) and ``scale_inv`` its inverse, applied to the first factor so that second @ first
+    ≈ weight. Both come from ``for_factoring``, so all three lie on one device.
     """
-    w = weight.detach().double().cpu()
+    w = for_factoring(weight)
     target = w @ scale if scale is not None else w  # (out, in)
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
     root = s[:rank].sqrt()
@@ -64,17 +77,22 @@ def low_rank_factors(
 
 
 def factorize_linear(
-    linear: nn.Linear,
+    linear: nn.Module,
     rank: int,
     scale: torch.Tensor | None = None,
     scale_inv: torch.Tensor | None = None,
 ) -> LowRankLinear:
-    """A ``LowRankLinear`` approximating ``linear`` (same dtype and device; bias kept as is)."""
-    weight = linear.weight
+    """A ``LowRankLinear`` approximating ``linear``, an ``nn.Linear`` or ``Conv1D``.
+
+    Built on the layer's device in its dtype; the bias is kept as it is.
+    """
+    weight = dense_weight(linear)  # (out, in) for either layout
     first, second = low_rank_factors(weight, rank, scale, scale_inv)
     bias = linear.bias is not None
-    module = LowRankLinear(linear.in_features, linear.out_features, rank, bias)
-    module.to(device=weight.device, dtype=weight.dtype)
+    in_features, out_features = linear_shape(linear)
+    module = LowRankLinear(
+        in_features, out_features, rank, bias, device=weight.device, dtype=weight.dtype
+    )
     with torch.no_grad():
         module.first.weight.copy_(first)
         module.second.weight.copy_(second)

@@ -1,4 +1,4 @@
-"""Calibrate, compress and measure in one call: what ``rankwise compress`` runs."""
+"""Check, calibrate, compress and measure in one call: what ``rankwise compress`` runs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rankwise.compress.base import compress_model, layer_ratios
+from rankwise.compress.base import check_compressible, compress_layers
 from rankwise.compress.calibration import (
     DEFAULT_DATA,
     Statistics,
@@ -34,10 +34,11 @@ def compress(
 
     ``ratio`` is the fraction of decoder linear-layer parameters to remove, one value or one per
     layer (mixed rank); ``options`` are the method's own settings (for example ``damping``).
-    Calibration data is read only when the method needs statistics.
+    The options, the ratios and the method's ``check_model`` are all checked before calibration
+    data is read, which happens only when the method needs statistics.
     """
-    layer_ratios(ratio, model.config.num_hidden_layers)  # bad ratios fail before calibrating
     compressor = make_compressor(method, **(options or {}))
+    ratios = check_compressible(model, compressor, ratio)
     before = model_costs(model)
     needs = compressor.needs(model)
     calibration = None
@@ -45,11 +46,11 @@ def compress(
     if needs:
         calibration = calibration_data(tokenizer, data, samples=samples, seq_len=seq_len, seed=seed)
         stats = collect_statistics(model, calibration.input_ids, needs)
-    compress_model(model, compressor, ratio, stats)
-    ratios = ratio if isinstance(ratio, int | float) else list(ratio)
+    compress_layers(model, compressor, ratios, stats)
+    ratios_given = ratio if isinstance(ratio, int | float) else list(ratio)
     return {
         "base_model": base_model,
-        "settings": {**compressor.settings(), "ratio": ratios},
+        "settings": {**compressor.settings(), "ratio": ratios_given},
         "calibration": calibration.record() if calibration else None,
         "costs": {"before": before.as_dict(), "after": model_costs(model).as_dict()},
     }

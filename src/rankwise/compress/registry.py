@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from rankwise.compress.a3 import A3
 from rankwise.compress.asvd import ASVD
 from rankwise.compress.base import Compressor
@@ -16,7 +18,12 @@ def make_compressor(method: str, **options) -> Compressor:
     """The compressor named ``method`` with its options; unknown names and options are errors."""
     if method not in METHODS:
         raise RankwiseError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-    try:
-        return METHODS[method](**options)
-    except TypeError as err:
-        raise RankwiseError(f"method '{method}' does not take options {sorted(options)}") from err
+    cls = METHODS[method]
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise RankwiseError(
+            f"method '{method}' does not take {', '.join(unknown)}; "
+            f"its options: {', '.join(known) or 'none'}"
+        )
+    return cls(**options)

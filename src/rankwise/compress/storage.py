@@ -68,11 +68,17 @@ def structure_of(model: PreTrainedModel) -> dict[str, dict]:
 
 
 def standard_config(model: PreTrainedModel, structure: dict[str, dict]) -> PretrainedConfig | None:
-    """The plain config the model fits (one narrower MLP width everywhere), or None if none does."""
-    widths = {
-        e["out_features"] for n, e in structure.items() if n.endswith(("gate_proj", "up_proj"))
-    }
-    if not structure or any(e["type"] != "linear" for e in structure.values()) or len(widths) != 1:
+    """The plain config the model fits (one narrower MLP width everywhere), or None if none does.
+
+    The width is the one inner size of the narrowed linear layers (the MLP's input and output
+    are the hidden size); the config it gives must describe every tensor shape exactly.
+    """
+    if not structure or any(e["type"] != "linear" for e in structure.values()):
+        return None
+    hidden = model.config.hidden_size
+    sizes = {e[k] for e in structure.values() for k in ("in_features", "out_features")}
+    widths = sizes - {hidden}
+    if len(widths) != 1:
         return None
     config = copy.deepcopy(model.config)
     config.intermediate_size = widths.pop()
@@ -80,8 +86,12 @@ def standard_config(model: PreTrainedModel, structure: dict[str, dict]) -> Pretr
     return config if reference_shapes(config) == actual else None
 
 
-def build_module(entry: dict, config: PretrainedConfig) -> nn.Module:
-    """An empty module of the shape one rebuild entry describes."""
+def build_module(entry: dict, original: nn.Module) -> nn.Module:
+    """An empty module of the shape one rebuild entry describes, to replace ``original``.
+
+    ``original`` is the base architecture's module at that name: an ``A3Attention`` takes its
+    configuration, biases and per-head norms from it.
+    """
     kind = entry.get("type")
     if kind == "low_rank":
         return LowRankLinear(
@@ -90,7 +100,7 @@ def build_module(entry: dict, config: PretrainedConfig) -> nn.Module:
     if kind == "linear":
         return nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"])
     if kind == "a3_attention":
-        return A3Attention(config, entry["layer_idx"], entry["qk_pairs"], entry["value_dim"])
+        return A3Attention(original, entry["qk_pairs"], entry["value_dim"])
     raise RankwiseError(f"unknown compressed module type '{kind}'")
 
 
@@ -161,7 +171,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> P
     config = AutoConfig.for_model(base.pop("model_type"), **base)
     model = AutoModelForCausalLM.from_config(config)
     for name, entry in meta["modules"].items():
-        model.set_submodule(name, build_module(entry, model.config))
+        model.set_submodule(name, build_module(entry, model.get_submodule(name)))
     try:
         load_safetensors(model, str(folder / WEIGHTS), strict=True)
     except (OSError, RuntimeError) as err:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from typing import ClassVar
 
 from rankwise.compress.calibration import Statistics
 from rankwise.compress.factorizer import Factorizer, Whitening
 
 
-@dataclass
+@dataclasses.dataclass
 class SVD(Factorizer):
     """W ≈ U_r Σ_r Vᵀ_r with the factors split as U_r Σ_r^½ and Σ_r^½ V_rᵀ."""
 

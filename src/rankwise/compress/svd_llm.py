@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from typing import ClassVar
 
 import torch
@@ -10,19 +10,26 @@ import torch
 from rankwise.compress.base import damped
 from rankwise.compress.calibration import GRAM, Statistics
 from rankwise.compress.factorizer import Factorizer, Whitening
+from rankwise.compress.precision import for_factoring
+from rankwise.options import option
 
 
-@dataclass
+@dataclasses.dataclass
 class SVDLLM(Factorizer):
     """S with S Sᵀ = E[x xᵀ]: truncating the SVD of W S then minimises E‖(W - W̃) x‖²."""
 
     name: ClassVar[str] = "svd-llm"
-    damping: float = 0.01  # added to the diagonal, relative to its mean, before Cholesky
+    damping: float = option(
+        0.01,
+        "added to E[x xᵀ]'s diagonal, relative to its mean, before the Cholesky factor",
+        within="[0, inf)",
+    )
 
     def input_kinds(self) -> set[str]:
         return {GRAM}
 
     def whitening(self, stats: Statistics, key: str) -> Whitening:
-        chol = torch.linalg.cholesky(damped(stats.gram[key], self.damping))  # lower triangular
-        eye = torch.eye(chol.shape[0], dtype=chol.dtype)
+        gram = damped(for_factoring(stats.gram[key]), self.damping)
+        chol = torch.linalg.cholesky(gram)  # lower triangular
+        eye = torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device)
         return chol, torch.linalg.solve_triangular(chol, eye, upper=False)

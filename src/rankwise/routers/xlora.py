@@ -23,8 +23,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import Cache, DynamicCache
 
+from rankwise.adapters.attach import copy_factors, stacked_specs
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
-from rankwise.adapters.peft_format import copy_factors, read_adapter, stacked_specs
+from rankwise.adapters.peft_format import read_adapter
 from rankwise.errors import RankwiseError
 from rankwise.options import Options, option
 from rankwise.routers.base import Router, dense_gates, routed_sum, top_k_softmax

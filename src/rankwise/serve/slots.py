@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rankwise.adapters.attach import check_compatible
 from rankwise.adapters.inject import swap_modules
-from rankwise.adapters.peft_format import LoraWeights, check_compatible
+from rankwise.adapters.peft_format import LoraWeights
 from rankwise.serve.layer import SlotLinear
 from rankwise.serve.plans import Planner
 
