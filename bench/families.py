@@ -159,7 +159,7 @@ def main() -> None:
     headers = [
         "architecture",
         "LoRA all-linear: loss step 1 → 8",
-        "PEFT parity, max |Δ logit|",
+        "PEFT parity, max abs Δ logit",
         "DoRA PEFT parity",
         "serve = generate",
         "svd-llm 0.25",

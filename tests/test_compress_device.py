@@ -16,53 +16,22 @@ as pure functions.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from architectures import tiny_model, word_tokenizer
-from torch.overrides import TorchFunctionMode
-from torch.utils._device import _device_constructors  # what `with torch.device(d)` redirects
+from device_discipline import FactoryRecorder
 
 import rankwise.compress
 from rankwise.compress import METHODS, collect_statistics, compress, make_compressor
 from rankwise.compress.precision import accumulation_dtype, factor_device
 
 COMPRESS = Path(rankwise.compress.__file__).parent
-TORCH = Path(torch.__file__).parent
-FACTORIES = _device_constructors()
 
 
-def caller() -> tuple[Path, int] | None:
-    """(file, line) of the innermost frame outside torch and this recorder: who called torch."""
-    frame = sys._getframe(1)
-    while frame is not None and (
-        Path(frame.f_code.co_filename).is_relative_to(TORCH) or frame.f_code.co_filename == __file__
-    ):
-        frame = frame.f_back
-    return None if frame is None else (Path(frame.f_code.co_filename), frame.f_lineno)
-
-
-class DeviceRecorder(TorchFunctionMode):
-    """Records compress-code tensor factories without a device, and moves to the CPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in FACTORIES and kwargs.get("device") is None:
-            self.note(f"torch.{func.__name__} without device=")
-        elif func is torch.Tensor.cpu:
-            self.note(".cpu()")
-        return func(*args, **kwargs)
-
-    def note(self, what: str) -> None:
-        where = caller()
-        if where is not None and where[0].is_relative_to(COMPRESS):
-            self.events.append(f"{what} at {where[0].name}:{where[1]}")
+def DeviceRecorder() -> FactoryRecorder:  # noqa: N802 (read as the recorder of compress code)
+    return FactoryRecorder(COMPRESS)
 
 
 @pytest.fixture

@@ -13,53 +13,22 @@ buffers and generators checked at the end show. What this cannot show: CUDA-only
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import torch
+from device_discipline import FactoryRecorder, on_meta_by_default
 from test_serve_support import (  # one_thread: an autouse fixture
     one_thread,  # noqa: F401
     random_adapter,
     tiny_model,
     tiny_tokenizer,
 )
-from torch.overrides import TorchFunctionMode
 
 import rankwise.serve
 from rankwise.serve.engine import Engine, EngineConfig
 from rankwise.serve.requests import GenerationRequest
 
-SERVE = str(Path(rankwise.serve.__file__).parent)
-FACTORIES = {
-    "arange",
-    "empty",
-    "eye",
-    "full",
-    "ones",
-    "rand",
-    "randint",
-    "randn",
-    "randperm",
-    "tensor",
-    "zeros",
-}
+SERVE = Path(rankwise.serve.__file__).parent
 TOKENIZER = tiny_tokenizer()
-
-
-class FactoryCalls(TorchFunctionMode):
-    """Records torch factory calls made directly from serve/ without an explicit device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.undeviced: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        caller = sys._getframe(1).f_code
-        name = getattr(func, "__name__", "")
-        if name in FACTORIES and "device" not in kwargs and caller.co_filename.startswith(SERVE):
-            self.undeviced.append(f"torch.{name} in {caller.co_filename}:{caller.co_name}")
-        return func(*args, **kwargs)
 
 
 def workload() -> tuple[Engine, list[GenerationRequest]]:
@@ -92,14 +61,10 @@ def test_every_tensor_the_engine_makes_names_the_models_device():
         return step()
 
     engine.step = step_and_look
-    calls = FactoryCalls()
-    torch.set_default_device("meta")
-    try:
-        with calls:
-            texts = engine.generate(requests)
-    finally:
-        torch.set_default_device(None)
-    assert calls.undeviced == []
+    calls = FactoryRecorder(SERVE)
+    with calls:
+        texts = on_meta_by_default(engine.generate)(requests)
+    assert calls.events == []
     assert texts == expected
     assert engine.pool.load_times and len(engine.pool.load_times) > 2  # slots were reloaded
     assert seen_generators and all(g.device == engine.device for g in seen_generators)

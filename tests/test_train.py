@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import save_tiny_model
+from device_discipline import on_meta_by_default
 from safetensors.torch import load_file, save_file
 
-from rankwise.adapters import read_adapter
+from rankwise.adapters import LoraConfig, read_adapter
 from rankwise.errors import RankwiseError
 from rankwise.train import TrainConfig, train
 from rankwise.train import loop as loop_module
@@ -249,17 +250,6 @@ def test_bf16_base_keeps_fp32_adapters(model_dir, tmp_path):
     assert all(v.dtype == torch.float32 for v in adapter_tensors(tmp_path / "run").values())
 
 
-def on_meta_by_default(fn):
-    """``fn`` run with the meta device as torch's default: a tensor some code makes without
-    saying where lands on meta and fails as soon as it meets the model's real tensors."""
-
-    def run(*args, **kwargs):
-        with torch.device("meta"):
-            return fn(*args, **kwargs)
-
-    return run
-
-
 @pytest.mark.parametrize("router", [None, "mola", "smora"])
 def test_a_training_step_places_every_tensor_explicitly(model_dir, tmp_path, monkeypatch, router):
     """What a GPU run needs, checked on the CPU: every tensor of a step (forward, loss, backward,
@@ -275,7 +265,7 @@ def test_a_training_step_places_every_tensor_explicitly(model_dir, tmp_path, mon
         train(config(model_dir, tmp_path, **values))
         return
     cfg = config(model_dir, tmp_path, **values).as_dict()
-    for key in ("r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern"):
+    for key in LoraConfig.__dataclass_fields__:  # the single adapter's settings
         cfg.pop(key)
     extra = {"mola": {"aux_coef": 0.01}, "smora": {"rank": 4, "top_k": 2}}[router]
     train_mixture(MixConfig.from_mapping({**cfg, "router": router, **extra}))
