@@ -21,15 +21,8 @@ from rankwise.errors import RankwiseError
 from rankwise.train.loop import parameter_groups
 from rankwise.train.trainable import LoraAdapter
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOKENS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def dora_model(arch: str, seed: int = 1) -> torch.nn.Module:

@@ -32,16 +32,8 @@ from rankwise.mixture import build_mixture
 from rankwise.train import TrainConfig, train
 from rankwise.train.loss import summed_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOKENS = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many small ops: one thread avoids thread wake-ups on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def adapted(arch: str, seed: int = 0) -> torch.nn.Module:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from architectures import ARCHITECTURES, WINDOW, save_tiny_model, tiny_model, word_tokenizer
-from test_serve_support import (  # one_thread: an autouse fixture
+from test_serve_support import (
     greedy_text,
-    one_thread,  # noqa: F401
     random_adapter,
 )
 
@@ -23,6 +22,8 @@ from rankwise.adapters.peft_format import write_adapter
 from rankwise.serve.engine import Engine, EngineConfig
 from rankwise.serve.folder import AdapterFolder
 from rankwise.serve.requests import GenerationRequest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKENIZER = word_tokenizer()
 PROMPTS = [[1, 5, 6], [1, *range(10, 22)], [1, *range(30, 50)]]  # 3, 13 and 21 tokens

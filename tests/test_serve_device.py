@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from device_discipline import FactoryRecorder, on_meta_by_default
-from test_serve_support import (  # one_thread: an autouse fixture
-    one_thread,  # noqa: F401
+from test_serve_support import (
     random_adapter,
     tiny_model,
     tiny_tokenizer,
@@ -26,6 +26,8 @@ from test_serve_support import (  # one_thread: an autouse fixture
 import rankwise.serve
 from rankwise.serve.engine import Engine, EngineConfig
 from rankwise.serve.requests import GenerationRequest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SERVE = Path(rankwise.serve.__file__).parent
 TOKENIZER = tiny_tokenizer()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_serve_support import (  # one_thread: an autouse fixture
+from test_serve_support import (
     greedy_text,
-    one_thread,  # noqa: F401
     random_adapter,
     tiny_model,
     tiny_tokenizer,
@@ -21,6 +20,7 @@ from rankwise.serve.plans import plan_auto
 from rankwise.serve.requests import GenerationRequest, Overloaded, UnknownModel
 from rankwise.serve.text import TextStream
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOKENIZER = tiny_tokenizer()
 PROMPTS = [
     "Hello there",

@@ -9,10 +9,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 from tokenizers import Tokenizer, decoders
 from tokenizers.models import BPE
@@ -89,18 +87,6 @@ def random_adapter(
     return LoraWeights(
         factors, {m: alpha for m in factors}, base_model="tiny", fan_in_fan_out=transposed
     )
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run many small ops: one thread avoids thread wake-ups (15x faster on 2 cores).
-
-    Autouse in the test modules that import it.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def greedy_text(
