@@ -190,3 +190,74 @@ def test_dora_adapters_are_refused_where_they_cannot_work(tmp_path):
     engine = Engine(tiny_model("llama"), tiny_tokenizer(), EngineConfig(max_rank=8))
     with pytest.raises(RankwiseError, match="is a DoRA adapter"):
         engine.register("d", read_adapter(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "phi3"])
+@pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_4"])
+def test_weight_aware_inits_equal_peft_and_save_for_the_original_base(arch, init, tmp_path):
+    """PiSSA and OLoRA: the same factors and residual W as PEFT; the adapted model starts equal
+    to the base; the saved adapter is PEFT's rank-2r conversion, loading on the untouched base
+    with the trained model's logits; removing the adapter gives W back."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    from rankwise.adapters import remove_experts
+
+    if arch == "gpt2" and init == "olora":
+        pytest.skip("PEFT's OLoRA factors a Conv1D's stored [in, out] weight: wrong shapes")
+    base = logits_of(tiny_model(arch))
+    model = tiny_model(arch)
+    torch.manual_seed(0)
+    layers = inject_adapter(model, LoraConfig(r=4, lora_alpha=8, init=init))
+    torch.testing.assert_close(logits_of(model), base, atol=1e-5, rtol=0)
+    if not init.startswith("pissa_niter"):  # the randomized SVD draws its own numbers
+        torch.manual_seed(0)
+        peft_config = PeftLoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init
+        )
+        state = get_peft_model(tiny_model(arch), peft_config).state_dict()
+        for name, layer in layers.items():
+            prefix = f"base_model.model.{name}"
+            torch.testing.assert_close(layer.lora_A, state[f"{prefix}.lora_A.default.weight"])
+            torch.testing.assert_close(layer.base.weight, state[f"{prefix}.base_layer.weight"])
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.add_(0.05 * torch.randn_like(layer.lora_B))
+    trained = logits_of(model)
+    save_adapter(model, tmp_path / "converted")
+    saved = read_adapter(tmp_path / "converted")
+    assert {saved.rank(m) for m in saved.factors} == {8}
+    loaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "converted").eval()
+    assert (logits_of(loaded) - trained).abs().max() < 1e-5
+    ours = tiny_model(arch)
+    load_adapter(ours, tmp_path / "converted")  # a plain rank-8 LoRA on the original base
+    assert (logits_of(ours) - trained).abs().max() < 1e-5
+    remove_experts(model)
+    torch.testing.assert_close(logits_of(model), base, atol=1e-5, rtol=0)
+
+
+def test_a_residual_layer_takes_back_the_trained_half_of_its_conversion(tmp_path):
+    """Resuming a PiSSA run: the checkpoint holds the rank-2r conversion; the rebuilt layers
+    (the same init again) take its first half, and refuse an adapter from another start."""
+    from rankwise.adapters import copy_factors
+
+    def pissa_model():
+        model = tiny_model("llama")
+        return model, inject_adapter(model, LoraConfig(r=4, init="pissa"))
+
+    model, layers = pissa_model()
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.add_(0.05 * torch.randn_like(layer.lora_B))
+    save_adapter(model, tmp_path / "checkpoint")
+    fresh, fresh_layers = pissa_model()
+    copy_factors(fresh_layers, [read_adapter(tmp_path / "checkpoint")])
+    torch.testing.assert_close(logits_of(fresh), logits_of(model))
+    save_adapter(dora_model("llama"), tmp_path / "other")
+    with pytest.raises(RankwiseError, match="trained from another start"):
+        copy_factors(pissa_model()[1], [read_adapter(tmp_path / "other")])
+
+
+def logits_of(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits

@@ -86,9 +86,18 @@ def test_training_learns_and_writes_everything(model_dir, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000028", "step-000030"]
 
 
-def test_interrupted_run_resumes_to_the_same_adapter(model_dir, tmp_path, monkeypatch):
-    train(config(model_dir, tmp_path, output_dir=str(tmp_path / "full"), lora_dropout=0.1))
-    broken = config(model_dir, tmp_path, output_dir=str(tmp_path / "cut"), lora_dropout=0.1)
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"init": "pissa"}, {"use_dora": True, "loraplus_lr_ratio": 4.0}],
+    ids=["lora", "pissa", "dora+loraplus"],
+)
+def test_interrupted_run_resumes_to_the_same_adapter(model_dir, tmp_path, monkeypatch, variant):
+    train(
+        config(model_dir, tmp_path, output_dir=str(tmp_path / "full"), lora_dropout=0.1, **variant)
+    )
+    broken = config(
+        model_dir, tmp_path, output_dir=str(tmp_path / "cut"), lora_dropout=0.1, **variant
+    )
     real_step = torch.optim.AdamW.step
     calls = {"n": 0}
 

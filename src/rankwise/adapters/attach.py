@@ -18,6 +18,7 @@ from rankwise.adapters.dora import DoRA
 from rankwise.adapters.inject import adaptable_modules, expert_layers, inject_experts, module_kinds
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.adapters.peft_format import LoraWeights, read_adapter, write_adapter
+from rankwise.adapters.weight_init import converted_alpha
 from rankwise.architectures import linear_shape
 from rankwise.errors import RankwiseError
 
@@ -88,15 +89,39 @@ def attach_adapters(
 @torch.no_grad()
 def copy_factors(layers: dict[str, LowRankExperts], adapters: Sequence[LoraWeights]) -> None:
     """Copy adapter e's factors into expert e of every layer the adapter has weights for
-    (and a DoRA adapter's magnitudes into its layers' DoRA policies)."""
+    (and a DoRA adapter's magnitudes into its layers' DoRA policies).
+
+    A layer whose W holds a weight-aware init's residual takes the trained half of the rank-2r
+    adapter ``weights_from_model`` wrote for it (checking the other half is its initial one).
+    """
     for module, layer in layers.items():
         for e, weights in enumerate(adapters):
             if module in weights.factors:
-                a, b = layer.expert_factors(e)
-                a.copy_(weights.factors[module][0])
-                b.copy_(weights.factors[module][1])
+                a, b = trained_half(layer, module, *weights.factors[module])
+                target_a, target_b = layer.expert_factors(e)
+                target_a.copy_(a)
+                target_b.copy_(b)
             if module in weights.magnitudes:
                 layer.adapter_params()["lora_magnitude_vector"].copy_(weights.magnitudes[module])
+
+
+def trained_half(
+    layer: LowRankExperts, module: str, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors to copy into ``layer``: (a, b) as they are, or for a residual layer the first
+    r ranks of the conversion [A; A0], [B, -B0] (its last r must be the layer's own A0, -B0)."""
+    if not layer.residual:
+        return a, b
+    rank = layer.initial_A.shape[0]
+    same = a.shape[0] == 2 * rank and torch.allclose(
+        a[rank:].to(layer.initial_A), layer.initial_A, atol=1e-6
+    )
+    if not same or not torch.allclose(-b[:, rank:].to(layer.initial_B), layer.initial_B, atol=1e-6):
+        raise RankwiseError(
+            f"'{module}' starts from a weight-aware init (its W holds a residual), but the adapter "
+            "does not carry that init's factors: it was trained from another start"
+        )
+    return a[:rank], b[:, :rank]
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, LowRankExperts]:
@@ -107,7 +132,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, LowRank
 def weights_from_model(
     model: nn.Module, expert: int = 0, base_model: str | None = None
 ) -> LoraWeights:
-    """Copy one expert out of every adapted layer of a model as standalone weights."""
+    """Copy one expert out of every adapted layer of a model as standalone weights.
+
+    They always fit the original base model: a layer whose W holds a weight-aware init's
+    residual (PiSSA, OLoRA) is written as PEFT converts it, s [B, -B0] [A; A0] at rank 2r.
+    """
     layers = expert_layers(model)
     if not layers:
         raise RankwiseError("the model has no adapters to save")
@@ -117,9 +146,12 @@ def weights_from_model(
         spec = layer.experts[expert]
         if spec.rank == 0:
             continue
-        a, b = layer.expert_factors(expert)
-        factors[name] = (a.detach().clone(), b.detach().clone())
+        a, b = (f.detach().clone() for f in layer.expert_factors(expert))
         alphas[name] = spec.alpha
+        if layer.residual:
+            a, b = torch.cat([a, layer.initial_A]), torch.cat([b, -layer.initial_B], dim=1)
+            alphas[name] = converted_alpha(spec.alpha, spec.use_rslora)
+        factors[name] = (a, b)
         rslora.add(spec.use_rslora)
         dropouts.add(spec.dropout)
         transposed |= layer.fan_in_fan_out

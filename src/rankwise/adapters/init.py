@@ -1,6 +1,8 @@
 """Initialisation schemes for LoRA factors, registered by name.
 
-Every scheme leaves B A = 0, so an adapted model starts out equal to its base model. Which
+Every factor scheme leaves B A = 0, so an adapted model starts out equal to its base model;
+the weight-aware ones (PiSSA, OLoRA: ``weight_init``) take the factors from W and leave the
+residual in W, which starts the adapted model equal to its base model too. Which
 factor starts at zero matters for the training dynamics (Hayou et al., "The Impact of
 Initialization on LoRA Finetuning Dynamics", arXiv 2406.08447): Init[A] (B = 0, A random)
 allows a larger stable learning rate and is the default, as in PEFT and loralib.
@@ -14,6 +16,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from rankwise.adapters.weight_init import WEIGHT_INITS, WeightInit, weight_init
+from rankwise.architectures import dense_weight
+from rankwise.errors import RankwiseError
 
 if TYPE_CHECKING:
     from rankwise.adapters.layer import LowRankExperts
@@ -47,13 +53,40 @@ INIT_SCHEMES: dict[str, InitScheme] = {
 }
 
 
+def init_names() -> list[str]:
+    """Every init a LoRA adapter may name: the factor schemes, then the weight-aware ones."""
+    return [*INIT_SCHEMES, *WEIGHT_INITS, "pissa_niter_N"]
+
+
+def check_init(name: str) -> None:
+    """Raise naming the choices unless ``name`` is an init scheme."""
+    if name not in INIT_SCHEMES and weight_init(name) is None:
+        raise RankwiseError(f"unknown init '{name}': choose one of {', '.join(init_names())}")
+
+
 @torch.no_grad()
 def init_experts(layer: LowRankExperts) -> None:
     """Initialise each expert of a layer in place with its own scheme."""
     for e, expert in enumerate(layer.experts):
-        if expert.init not in INIT_SCHEMES:
-            raise ValueError(f"unknown init '{expert.init}': choose one of {sorted(INIT_SCHEMES)}")
+        check_init(expert.init)
         if expert.rank == 0:
+            continue
+        from_weight = weight_init(expert.init)
+        if from_weight is not None:
+            take_from_weight(layer, from_weight)
             continue
         a, b = layer.expert_factors(e)
         INIT_SCHEMES[expert.init](a, b)
+
+
+def take_from_weight(layer: LowRankExperts, init: WeightInit) -> None:
+    """A weight-aware init: the factors from W, W keeps W - s B0 A0 (kept as ``initial_*``)."""
+    if layer.num_experts != 1:
+        raise RankwiseError(f"'{layer.experts[0].init}' initialises a layer of one expert only")
+    spec, weight = layer.experts[0], dense_weight(layer.base)  # weight: [out, in], in place
+    a, b = init(weight.to(layer.lora_A.dtype), spec.rank, spec.scaling)
+    layer.lora_A.copy_(a)
+    layer.lora_B.copy_(b)
+    weight -= (spec.scaling * b @ a).to(weight.dtype)
+    layer.initial_A = layer.lora_A.detach().clone()
+    layer.initial_B = layer.lora_B.detach().clone()

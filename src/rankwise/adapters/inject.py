@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from rankwise.adapters.dora import DoRA
-from rankwise.adapters.init import INIT_SCHEMES
+from rankwise.adapters.init import check_init
 from rankwise.adapters.layer import ExpertSpec, LinearWrapper, LowRankExperts
 from rankwise.architectures import is_linear
 from rankwise.errors import RankwiseError
@@ -56,12 +56,17 @@ class LoraConfig(Options):
     use_dora: bool = option(
         False, "DoRA: a trained magnitude per output row of the adapted weight (arXiv 2402.09353)"
     )
-    init: str = option("init_a", "how the factors start (B A = 0 for all)", choices=INIT_SCHEMES)
+    init: str = option(
+        "init_a",
+        "how the factors start: init_a, init_b, gaussian (B A = 0); pissa, pissa_niter_N, olora "
+        "(taken from W, which keeps the residual)",
+    )
     rank_pattern: dict[str, int] = flagless({}, "module-name pattern -> rank (YAML only)")
     alpha_pattern: dict[str, float] = flagless({}, "module-name pattern -> alpha (YAML only)")
 
     def check(self) -> None:
         super().check()
+        check_init(self.init)
         if any(r < 1 for r in self.rank_pattern.values()):
             raise RankwiseError("LoRA ranks in rank_pattern must be positive integers")
 
@@ -188,14 +193,15 @@ def expert_layers(model: nn.Module) -> dict[str, LowRankExperts]:
 def remove_experts(model: nn.Module) -> dict[str, LowRankExperts]:
     """Put the original linear layers back (unmerging first); returns the removed layers.
 
-    Each layer's policy releases what it attached elsewhere (X-LoRA's hook on the decoder), so
-    the model is the bare base model again.
+    Each layer's policy releases what it attached elsewhere (X-LoRA's hook on the decoder) and
+    a weight-aware init's residual is undone, so the model is the bare base model again.
     """
     removed = expert_layers(model)
     for layer in removed.values():
         layer.policy.release()
         if layer.merged:
             layer.unmerge()
+        layer.restore_base()
     swap_modules(model, {name: layer.base for name, layer in removed.items()})
     return removed
 

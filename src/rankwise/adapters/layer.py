@@ -81,6 +81,9 @@ class LowRankExperts(LinearWrapper):
             factory["dtype"] = base.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(total, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, total, **factory))
+        # The factors a weight-aware init (PiSSA, OLoRA) took out of W; empty otherwise.
+        self.register_buffer("initial_A", torch.empty(0, self.in_features, **factory), False)
+        self.register_buffer("initial_B", torch.empty(self.out_features, 0, **factory), False)
         init_experts(self)
         # Per-rank bookkeeping: which expert owns each rank, and its scaling s_e.
         owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
@@ -185,6 +188,21 @@ class LowRankExperts(LinearWrapper):
         if gates is None:
             return self.expert_weights[self.rank_owner] * self.rank_scaling
         return gates.to(self.rank_scaling.dtype)[..., self.rank_owner] * self.rank_scaling
+
+    @property
+    def residual(self) -> bool:
+        """Whether a weight-aware init left W - s B0 A0 in ``base`` (see ``restore_base``)."""
+        return self.initial_A.numel() > 0
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Put back into ``base`` what a weight-aware init took out (s B0 A0), once."""
+        if self.residual:
+            weight = dense_weight(self.base)
+            update = (self.initial_B * self.rank_gate(None)) @ self.initial_A
+            weight += update.to(weight.dtype)
+            self.initial_A = self.initial_A[:0]
+            self.initial_B = self.initial_B[:, :0]
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update sum_e w_e s_e B_e A_e with the static expert weights, [out, in]."""
