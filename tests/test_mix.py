@@ -247,3 +247,32 @@ def test_left_padded_batch_generates_like_single_prompts(router, tmp_path):
         generate_batch(loaded.model, loaded.tokenizer, [p], max_new_tokens=3)[0] for p in prompts
     ]
     assert batch == alone
+
+
+@pytest.mark.parametrize(("router", "rank_key"), [("mola", "expert_rank"), ("smora", "rank")])
+def test_a_version_1_mixture_still_loads(router, rank_key, tmp_path, tokens):
+    """Format 1 had one shared RouterConfig whose `r` meant either rank: it maps to the one the
+    router read, and keys the router never read are dropped."""
+    model = tiny_llama()
+    settings = {"target_modules": ["q_proj"], rank_key: 4, "top_k": 2}
+    built = build(model, router, **settings)
+    with torch.no_grad():
+        for layer in built.layers.values():
+            layer.lora_B.normal_(std=0.2)
+    expected = model(tokens).logits
+    save_mixture(built, tmp_path / "mix")
+    file = tmp_path / "mix" / CONFIG_FILE
+    saved = json.loads(file.read_text())
+    old = {k: v for k, v in saved["router_config"].items() if k != rank_key}
+    saved["router_config"] = {
+        **old,
+        "r": 4,
+        "num_experts": 4,
+        "bias_rate": 1e-3,
+        "layerwise": False,
+    }
+    saved["version"] = 1
+    file.write_text(json.dumps(saved))
+    fresh = tiny_llama()
+    load_mixture(fresh, tmp_path / "mix")
+    torch.testing.assert_close(fresh(tokens).logits, expected, rtol=0, atol=0)
