@@ -18,6 +18,7 @@ from rankwise.adapters import (
 )
 from rankwise.adapters.dora import DoRA
 from rankwise.errors import RankwiseError
+from rankwise.models import LoadedModel
 from rankwise.train.loop import parameter_groups
 from rankwise.train.trainable import LoraAdapter
 
@@ -146,10 +147,12 @@ def test_loraplus_updates_equal_peft():
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 
     class Config:  # what LoraAdapter reads of a training config
+        init = config.init
+
         def lora(self):
             return config
 
-    trainable = LoraAdapter(ours_model, Config())
+    trainable = LoraAdapter(LoadedModel(ours_model, None, "tiny"), Config())
     peft_state = {
         k.replace("base_model.model.", "").replace(".default", ""): v
         for k, v in peft_model.state_dict().items()
@@ -261,3 +264,49 @@ def test_a_residual_layer_takes_back_the_trained_half_of_its_conversion(tmp_path
 def logits_of(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=TOKENS).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_corda_gives_peft_residual_and_update(arch, mode):
+    """CorDA from the same calibration batch: the residual W and the adapter's update B A equal
+    PEFT's. (How the update splits between A and B scales with the covariance's normalisation:
+    ours is E[x x^T] over tokens, PEFT's a per-forward max-normalised sum; see weight_init.)"""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    from rankwise.adapters.inject import adaptable_modules, module_kinds
+    from rankwise.adapters.weight_init import corda
+    from rankwise.architectures import dense_weight
+    from rankwise.compress.calibration import GRAM, collect_statistics
+
+    ids = torch.randint(3, 60, (1, 64), generator=torch.Generator().manual_seed(0))
+    reference = tiny_model(arch)
+    config = PeftLoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=module_kinds(adaptable_modules(reference)),
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method=mode),
+    )
+    preprocess_corda(reference, config, run_model=lambda: reference(ids))
+    state = get_peft_model(reference, config).state_dict()
+    model = tiny_model(arch)
+    modules = adaptable_modules(model)
+    stats = collect_statistics(model, ids, {n: {GRAM} for n in modules}, batch_size=1)
+    initial = {
+        n: corda(dense_weight(m).float(), stats.gram[n], 4, 2.0, mode == "ipm")
+        for n, m in modules.items()
+    }
+    layers = inject_adapter(model, LoraConfig(r=4, lora_alpha=8, init=f"corda_{mode}"), initial)
+    for name, layer in layers.items():
+        prefix = f"base_model.model.{name}"
+        update = state[f"{prefix}.lora_B.default.weight"] @ state[f"{prefix}.lora_A.default.weight"]
+        torch.testing.assert_close(layer.lora_B @ layer.lora_A, update, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(
+            layer.base.weight, state[f"{prefix}.base_layer.weight"], rtol=1e-3, atol=2e-4
+        )
+    with pytest.raises(RankwiseError, match="needs calibration data"):
+        inject_adapter(tiny_model(arch), LoraConfig(r=4, init="corda_ipm"))

@@ -88,8 +88,13 @@ def test_training_learns_and_writes_everything(model_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "variant",
-    [{}, {"init": "pissa"}, {"use_dora": True, "loraplus_lr_ratio": 4.0}],
-    ids=["lora", "pissa", "dora+loraplus"],
+    [
+        {},
+        {"init": "pissa"},
+        {"init": "corda_kpm", "calib_samples": 8, "seq_len": 16},
+        {"use_dora": True, "loraplus_lr_ratio": 4.0},
+    ],
+    ids=["lora", "pissa", "corda", "dora+loraplus"],
 )
 def test_interrupted_run_resumes_to_the_same_adapter(model_dir, tmp_path, monkeypatch, variant):
     train(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from rankwise.adapters.weight_init import WEIGHT_INITS, WeightInit, weight_init
+from rankwise.adapters.weight_init import DATA_INITS, WEIGHT_INITS, weight_init
 from rankwise.architectures import dense_weight
 from rankwise.errors import RankwiseError
 
@@ -54,13 +54,13 @@ INIT_SCHEMES: dict[str, InitScheme] = {
 
 
 def init_names() -> list[str]:
-    """Every init a LoRA adapter may name: the factor schemes, then the weight-aware ones."""
-    return [*INIT_SCHEMES, *WEIGHT_INITS, "pissa_niter_N"]
+    """Every init a LoRA adapter may name: factor schemes, weight-aware, data-driven ones."""
+    return [*INIT_SCHEMES, *WEIGHT_INITS, "pissa_niter_N", *DATA_INITS]
 
 
 def check_init(name: str) -> None:
     """Raise naming the choices unless ``name`` is an init scheme."""
-    if name not in INIT_SCHEMES and weight_init(name) is None:
+    if name not in INIT_SCHEMES and name not in DATA_INITS and weight_init(name) is None:
         raise RankwiseError(f"unknown init '{name}': choose one of {', '.join(init_names())}")
 
 
@@ -71,22 +71,32 @@ def init_experts(layer: LowRankExperts) -> None:
         check_init(expert.init)
         if expert.rank == 0:
             continue
+        if expert.init in DATA_INITS:
+            raise RankwiseError(
+                f"init '{expert.init}' needs calibration data: train with it through "
+                "rankwise.train (--calib), which computes its factors"
+            )
         from_weight = weight_init(expert.init)
         if from_weight is not None:
-            take_from_weight(layer, from_weight)
+            spec, weight = layer.experts[0], dense_weight(layer.base)
+            start_from(layer, *from_weight(weight.to(layer.lora_A.dtype), spec.rank, spec.scaling))
             continue
         a, b = layer.expert_factors(e)
         INIT_SCHEMES[expert.init](a, b)
 
 
-def take_from_weight(layer: LowRankExperts, init: WeightInit) -> None:
-    """A weight-aware init: the factors from W, W keeps W - s B0 A0 (kept as ``initial_*``)."""
+@torch.no_grad()
+def start_from(layer: LowRankExperts, a: torch.Tensor, b: torch.Tensor) -> None:
+    """A weight-aware start: factors (A0, B0) taken out of W, which keeps W - s B0 A0.
+
+    The factors are kept as ``initial_A``/``initial_B``, to save the adapter for the original
+    W and to give W back when the experts are removed.
+    """
     if layer.num_experts != 1:
         raise RankwiseError(f"'{layer.experts[0].init}' initialises a layer of one expert only")
     spec, weight = layer.experts[0], dense_weight(layer.base)  # weight: [out, in], in place
-    a, b = init(weight.to(layer.lora_A.dtype), spec.rank, spec.scaling)
     layer.lora_A.copy_(a)
     layer.lora_B.copy_(b)
-    weight -= (spec.scaling * b @ a).to(weight.dtype)
+    weight -= (spec.scaling * layer.lora_B @ layer.lora_A).to(weight.dtype)
     layer.initial_A = layer.lora_A.detach().clone()
     layer.initial_B = layer.lora_B.detach().clone()

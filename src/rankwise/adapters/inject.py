@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from rankwise.adapters.dora import DoRA
@@ -140,11 +141,14 @@ def module_kinds(modules: Iterable[str]) -> list[str]:
 
 
 def inject_experts(
-    model: nn.Module, experts: Mapping[str, Sequence[ExpertSpec]]
+    model: nn.Module,
+    experts: Mapping[str, Sequence[ExpertSpec]],
+    initial: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, LowRankExperts]:
     """Replace each named linear layer by a ``LowRankExperts`` holding the given experts.
 
     Freezes every base parameter of the model first; returns the new layers by name.
+    ``initial`` gives computed start factors (A0, B0) per module (a data-driven init).
     """
     available = adaptable_modules(model)
     model.requires_grad_(False)
@@ -155,7 +159,7 @@ def inject_experts(
         current = model.get_submodule(name)
         if isinstance(current, LinearWrapper):
             raise RankwiseError(f"'{name}' already holds adapters; call remove_experts first")
-        layers[name] = LowRankExperts(current, specs)
+        layers[name] = LowRankExperts(current, specs, initial=(initial or {}).get(name))
     swap_modules(model, layers)
     return layers
 
@@ -175,10 +179,17 @@ def swap_modules(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str
     return replaced
 
 
-def inject_adapter(model: nn.Module, config: LoraConfig) -> dict[str, LowRankExperts]:
-    """Attach one fresh LoRA adapter (one expert per targeted module) as ``config`` says."""
+def inject_adapter(
+    model: nn.Module,
+    config: LoraConfig,
+    initial: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, LowRankExperts]:
+    """Attach one fresh LoRA adapter (one expert per targeted module) as ``config`` says.
+
+    ``initial``: start factors per module for a data-driven init (see ``inject_experts``).
+    """
     names = select_targets(model, config.target_modules)
-    layers = inject_experts(model, {name: [config.expert_for(name)] for name in names})
+    layers = inject_experts(model, {name: [config.expert_for(name)] for name in names}, initial)
     if config.use_dora:
         for layer in layers.values():
             layer.policy = DoRA(layer)

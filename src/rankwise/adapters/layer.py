@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.init import init_experts
+from rankwise.adapters.init import init_experts, start_from
 from rankwise.architectures import dense_weight, is_transposed, linear_shape
 from rankwise.errors import RankwiseError
 
@@ -64,7 +64,11 @@ class LowRankExperts(LinearWrapper):
     """
 
     def __init__(
-        self, base: nn.Module, experts: Sequence[ExpertSpec], policy: Policy | None = None
+        self,
+        base: nn.Module,
+        experts: Sequence[ExpertSpec],
+        policy: Policy | None = None,
+        initial: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
         if not experts:
@@ -84,7 +88,10 @@ class LowRankExperts(LinearWrapper):
         # The factors a weight-aware init (PiSSA, OLoRA) took out of W; empty otherwise.
         self.register_buffer("initial_A", torch.empty(0, self.in_features, **factory), False)
         self.register_buffer("initial_B", torch.empty(self.out_features, 0, **factory), False)
-        init_experts(self)
+        if initial is None:
+            init_experts(self)
+        else:  # factors a data-driven init computed from W (CorDA): taken out of W
+            start_from(self, *initial)
         # Per-rank bookkeeping: which expert owns each rank, and its scaling s_e.
         owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
         scale = torch.tensor([e.scaling for e in self.experts], dtype=torch.float32)[owner]

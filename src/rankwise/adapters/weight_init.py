@@ -9,7 +9,14 @@
 - ``olora`` (arXiv 2406.01775): the QR decomposition W = Q R, A0 = R_r (the first r rows),
   B0 = Q_r (the first r columns).
 
-Both are PEFT's initialisations, formula for formula (tests compare them). The factors are
+- ``corda_ipm`` / ``corda_kpm`` (CorDA, arXiv 2406.05223): the SVD of W C with C = E[x x^T]
+  of the layer's inputs on calibration data, W = U S (V^T C^-1); the instruction-previewed mode
+  trains the r largest components (C from the task's data), the knowledge-preserved mode the r
+  smallest (C from data whose knowledge W should keep), leaving the others frozen in W_res.
+  These need calibration statistics (``rankwise.train.calibrated``), so the factors arrive
+  computed (``LowRankExperts(initial=...)``).
+
+All are PEFT's initialisations, formula for formula (tests compare them). The factors are
 computed in fp32 on the weight's device; W_res is stored in the base's dtype.
 
 Because W changes, an adapter trained this way only fits W_res. ``saved_factors`` turns it
@@ -51,6 +58,34 @@ def olora(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor
     """(A0, B0) = (R_r, Q_r) of W = Q R."""
     q, r = torch.linalg.qr(weight)
     return r[:rank].contiguous(), q[:, :rank].contiguous()
+
+
+def corda(
+    weight: torch.Tensor, gram: torch.Tensor, rank: int, scaling: float, largest: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CorDA's (A0, B0) from W [out, in] and the input's second moment C [in, in].
+
+    C is damped as PEFT does (by a share of its mean diagonal, doubled until C C^-1 is within
+    0.05 of I) so that its inverse is safe; ``largest`` picks IPM's components, else KPM's.
+    """
+    c = gram.to(weight.dtype)
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    damp = 0.01
+    while True:
+        fixed = c + damp * c.diagonal().mean() * eye
+        inverse = torch.linalg.inv(fixed)
+        if torch.dist(fixed @ inverse, eye) < 0.05:
+            break
+        damp *= 2
+    u, s, vh = torch.linalg.svd(weight @ fixed, full_matrices=False)
+    v = (vh @ inverse).T  # (in, min): W = U S V^T
+    keep = slice(None, rank) if largest else slice(-rank, None)
+    root = (s[keep] / scaling).sqrt()
+    return (v[:, keep] * root).T.contiguous(), (u[:, keep] * root).contiguous()
+
+
+# Inits whose factors need calibration data; mode name -> whether it keeps the largest.
+DATA_INITS = {"corda_ipm": True, "corda_kpm": False}
 
 
 # The one place a weight-aware init is registered (``pissa_niter_N`` is parsed from the name).

@@ -77,7 +77,7 @@ def calibration_data(
     if blocks < samples:
         raise RankwiseError(
             f"calibration data '{data}' holds {len(stream)} tokens, fewer than "
-            f"{samples} samples of {seq_len}; lower --samples or --seq-len"
+            f"{samples} samples of {seq_len}; ask for fewer or shorter samples"
         )
     ids = torch.tensor(stream[: blocks * seq_len], device="cpu")
     ids = ids.view(blocks, seq_len)  # (blocks, seq_len)

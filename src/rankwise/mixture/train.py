@@ -15,11 +15,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from rankwise.configfile import load_yaml
 from rankwise.errors import RankwiseError
 from rankwise.mixture.mixture import Mixture, build_mixture
+from rankwise.models import LoadedModel
 from rankwise.options import Options, option
 from rankwise.routers import ROUTERS
 from rankwise.train.config import RunConfig
@@ -100,9 +99,9 @@ def mix_config(router: str) -> type[MixConfig]:
     return dataclass(type(f"{ROUTERS[router].__name__}MixConfig", (options, MixConfig), body))
 
 
-def attach_mixture(model: torch.nn.Module, config: MixConfig) -> Mixture:
+def attach_mixture(loaded: LoadedModel, config: MixConfig) -> Mixture:
     """Build the config's mixture on the model: what the loop trains."""
-    return build_mixture(model, config.router, config.router_options())
+    return build_mixture(loaded.model, config.router, config.router_options())
 
 
 def train_mixture(config: MixConfig, resume: bool = False) -> TrainResult:

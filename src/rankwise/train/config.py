@@ -86,6 +86,15 @@ class TrainConfig(LoraConfig, RunConfig):
     The two bases declare disjoint settings, so neither changes the other's defaults.
     """
 
+    calib: str | None = option(
+        None,
+        "calibration data of data-driven inits (corda_ipm: the task's; corda_kpm: what to "
+        "keep): a data spec or path (unset: the training data)",
+    )
+    calib_samples: int = option(
+        32, "calibration blocks of seq_len tokens for data-driven inits", within="[1, inf)"
+    )
+
     def lora(self) -> LoraConfig:
         """The adapter settings alone."""
         return LoraConfig.from_mapping(

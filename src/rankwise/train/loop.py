@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from rankwise.adapters import describe_trainable
 from rankwise.data import collate
 from rankwise.errors import RankwiseError
-from rankwise.models import load_model, model_device, resolve_device
+from rankwise.models import LoadedModel, load_model, model_device, resolve_device
 from rankwise.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rankwise.train.config import RunConfig
 from rankwise.train.distributed import (
@@ -81,9 +81,9 @@ class BatchLoss(torch.nn.Module):
 def train(
     config: RunConfig,
     resume: bool = False,
-    attach: Callable[[torch.nn.Module, RunConfig], Trainable] = LoraAdapter,
+    attach: Callable[[LoadedModel, RunConfig], Trainable] = LoraAdapter,
 ) -> TrainResult:
-    """Train what ``attach(model, config)`` puts on the model and write it to ``output_dir``."""
+    """Train what ``attach(loaded, config)`` puts on the model and write it to ``output_dir``."""
     device = resolve_device(config.device)
     world = init_world(device)
     output = config.output
@@ -97,7 +97,7 @@ def train(
     loaded = load_model(config.model, config.dtype, device)
     model, tokenizer = loaded.model, loaded.tokenizer
     torch.manual_seed(config.seed)
-    trainable = attach(model, config)
+    trainable = attach(loaded, config)
     params = trainable.parameters()
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(

@@ -12,8 +12,10 @@ from typing import Protocol
 import torch
 
 from rankwise.adapters import copy_factors, inject_adapter, read_adapter, save_adapter
+from rankwise.adapters.weight_init import DATA_INITS
 from rankwise.errors import RankwiseError
-from rankwise.models import model_device
+from rankwise.models import LoadedModel, model_device
+from rankwise.train.calibrated import calibrated_factors
 from rankwise.train.config import TrainConfig
 from rankwise.train.distributed import World
 
@@ -49,10 +51,11 @@ class Trainable(Protocol):
 class LoraAdapter:
     """The default ``Trainable``: one fresh LoRA adapter, saved in PEFT's format."""
 
-    def __init__(self, model: torch.nn.Module, config: TrainConfig):
-        self.model = model
-        self.layers = inject_adapter(model, config.lora())
-        self.device = model_device(model)
+    def __init__(self, loaded: LoadedModel, config: TrainConfig):
+        self.model = loaded.model
+        initial = calibrated_factors(loaded, config) if config.init in DATA_INITS else None
+        self.layers = inject_adapter(self.model, config.lora(), initial)
+        self.device = model_device(self.model)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.layers.values() for p in layer.adapter_params().values()]
