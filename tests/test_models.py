@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import save_tiny_model
 
@@ -21,3 +22,30 @@ def test_loaded_head_gets_contiguous_input_and_same_logits(tmp_path):
     assert seen == [True, True]
     assert not any(p.requires_grad for p in loaded.model.parameters())
     torch.testing.assert_close(last, every[:, -1:])
+
+
+def test_auto_dtype_is_bf16_only_where_computed_natively():
+    import torch
+
+    from rankwise.errors import RankwiseError
+    from rankwise.models import resolve_dtype
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_dtype("auto", torch.device("cpu")) == ("bfloat16" if native else "float32")
+    assert resolve_dtype("float16", torch.device("cpu")) == "float16"
+    with pytest.raises(RankwiseError, match="unknown dtype 'int4'"):
+        resolve_dtype("int4", torch.device("cpu"))
+
+
+def test_devices_that_are_not_here_are_refused_in_one_line():
+    import torch
+
+    from rankwise.errors import RankwiseError
+    from rankwise.models import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RankwiseError, match="no CUDA GPU"):
+            resolve_device("cuda:1")
+    with pytest.raises(RankwiseError, match="unknown device 'tpu'"):
+        resolve_device("tpu")

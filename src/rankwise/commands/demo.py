@@ -20,7 +20,11 @@ from rankwise.train.config import TRAIN_DTYPES
 class DemoOptions(ModelOptions):
     """``rankwise demo``: which built-in task, how long to train, where the adapter goes."""
 
-    dtype: str = option("bfloat16", "dtype of the frozen base weights", choices=TRAIN_DTYPES)
+    dtype: str = option(
+        "auto",
+        "dtype of the frozen base weights (auto: bfloat16 where computed natively, else float32)",
+        choices=TRAIN_DTYPES,
+    )
     task: str = option("reverse_words", "built-in task to learn", choices=lambda: sorted(TASKS))
     steps: int = option(30, "optimizer steps (batch 8)", within="[1, inf)")
     examples: int = option(24, "test prompts to score", within="[1, inf)")

@@ -17,7 +17,7 @@ from rankwise.models import ModelOptions
 from rankwise.options import option
 
 SCHEDULES = ("cosine", "linear", "constant")
-TRAIN_DTYPES = ("float32", "bfloat16")
+TRAIN_DTYPES = ("float32", "bfloat16", "auto")
 POSITIVE = "[1, inf)"
 
 
@@ -72,7 +72,9 @@ class RunConfig(ModelOptions):
     def check(self) -> None:
         super().check()
         if self.dtype not in TRAIN_DTYPES:
-            raise RankwiseError("dtype must be float32 or bfloat16 (adapters always train in fp32)")
+            raise RankwiseError(
+                "dtype must be float32, bfloat16 or auto (adapters always train in fp32)"
+            )
 
     @property
     def output(self) -> Path:
