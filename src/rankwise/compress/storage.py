@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rankwise.atomic import atomic_folder
 from rankwise.compress.attention import A3Attention
 from rankwise.compress.lowrank import LowRankLinear
 from rankwise.errors import RankwiseError
@@ -120,11 +118,10 @@ def save_compressed(
     The folder is written under a temporary name and renamed when complete.
     """
     folder = check_output_folder(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     structure = structure_of(model)
     config = standard_config(model, structure)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         if config is not None:
             model.config = config
             model.save_pretrained(tmp)
@@ -143,9 +140,8 @@ def save_compressed(
                 model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / RECORD, record)
-        os.replace(tmp, folder)  # POSIX rename replaces an empty folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_folder(folder, write)  # an empty folder given as the output is replaced
     return config is not None
 
 
