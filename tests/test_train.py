@@ -17,9 +17,9 @@ from conftest import save_tiny_model
 from device_discipline import on_meta_by_default
 from safetensors.torch import load_file, save_file
 
-from rankwise.adapters import LoraConfig, read_adapter
+from rankwise.adapters import read_adapter
 from rankwise.errors import RankwiseError
-from rankwise.train import TrainConfig, train
+from rankwise.train import RunConfig, TrainConfig, train
 from rankwise.train import loop as loop_module
 from rankwise.train.checkpoint import list_checkpoints
 from rankwise.train.schedule import learning_rate
@@ -278,8 +278,7 @@ def test_a_training_step_places_every_tensor_explicitly(model_dir, tmp_path, mon
     if router is None:
         train(config(model_dir, tmp_path, **values))
         return
-    cfg = config(model_dir, tmp_path, **values).as_dict()
-    for key in LoraConfig.__dataclass_fields__:  # the single adapter's settings
-        cfg.pop(key)
+    run = config(model_dir, tmp_path, **values).as_dict()
+    cfg = {key: run[key] for key in RunConfig.__dataclass_fields__}  # not the adapter's settings
     extra = {"mola": {"aux_coef": 0.01}, "smora": {"rank": 4, "top_k": 2}}[router]
     train_mixture(MixConfig.from_mapping({**cfg, "router": router, **extra}))
