@@ -87,16 +87,19 @@ def init_experts(layer: LowRankExperts) -> None:
 
 @torch.no_grad()
 def start_from(layer: LowRankExperts, a: torch.Tensor, b: torch.Tensor) -> None:
-    """A weight-aware start: factors (A0, B0) taken out of W, which keeps W - s B0 A0.
+    """A computed start: factors (A0, B0), taken out of W, which keeps W - s B0 A0.
 
     The factors are kept as ``initial_A``/``initial_B``, to save the adapter for the original
-    W and to give W back when the experts are removed.
+    W and to give W back when the experts are removed. A start with B0 = 0 (EVA) leaves W as
+    it is, so nothing is kept.
     """
     if layer.num_experts != 1:
         raise RankwiseError(f"'{layer.experts[0].init}' initialises a layer of one expert only")
     spec, weight = layer.experts[0], dense_weight(layer.base)  # weight: [out, in], in place
     layer.lora_A.copy_(a)
     layer.lora_B.copy_(b)
+    if not b.any():
+        return
     weight -= (spec.scaling * layer.lora_B @ layer.lora_A).to(weight.dtype)
     layer.initial_A = layer.lora_A.detach().clone()
     layer.initial_B = layer.lora_B.detach().clone()

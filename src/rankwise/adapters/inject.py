@@ -60,7 +60,7 @@ class LoraConfig(Options):
     init: str = option(
         "init_a",
         "how the factors start: init_a, init_b, gaussian (B A = 0); pissa, pissa_niter_N, olora "
-        "(taken from W, which keeps the residual)",
+        "(taken from W, which keeps the residual); corda_ipm, corda_kpm, eva (from --calib data)",
     )
     rank_pattern: dict[str, int] = flagless({}, "module-name pattern -> rank (YAML only)")
     alpha_pattern: dict[str, float] = flagless({}, "module-name pattern -> alpha (YAML only)")

@@ -15,7 +15,7 @@ from rankwise.adapters import copy_factors, inject_adapter, read_adapter, save_a
 from rankwise.adapters.weight_init import DATA_INITS
 from rankwise.errors import RankwiseError
 from rankwise.models import LoadedModel, model_device
-from rankwise.train.calibrated import calibrated_factors
+from rankwise.train.calibrated import calibrated_start
 from rankwise.train.config import TrainConfig
 from rankwise.train.distributed import World
 
@@ -53,8 +53,10 @@ class LoraAdapter:
 
     def __init__(self, loaded: LoadedModel, config: TrainConfig):
         self.model = loaded.model
-        initial = calibrated_factors(loaded, config) if config.init in DATA_INITS else None
-        self.layers = inject_adapter(self.model, config.lora(), initial)
+        lora, initial = config.lora(), None
+        if config.init in DATA_INITS:
+            lora, initial = calibrated_start(loaded, config)
+        self.layers = inject_adapter(self.model, lora, initial)
         self.device = model_device(self.model)
 
     def parameters(self) -> list[torch.nn.Parameter]:
