@@ -53,14 +53,20 @@ INIT_SCHEMES: dict[str, InitScheme] = {
 }
 
 
+# Inits that also choose the layer's policy (``inject_adapter`` attaches it: KaSA truncates W
+# and trains a singular-value diagonal); their factors start as the scheme given here.
+POLICY_INITS: dict[str, InitScheme] = {"kasa": init_a}
+
+
 def init_names() -> list[str]:
-    """Every init a LoRA adapter may name: factor schemes, weight-aware, data-driven ones."""
-    return [*INIT_SCHEMES, *WEIGHT_INITS, "pissa_niter_N", *DATA_INITS]
+    """Every init a LoRA adapter may name: factor schemes, weight-aware, data-driven, policy."""
+    return [*INIT_SCHEMES, *WEIGHT_INITS, "pissa_niter_N", *DATA_INITS, *POLICY_INITS]
 
 
 def check_init(name: str) -> None:
     """Raise naming the choices unless ``name`` is an init scheme."""
-    if name not in INIT_SCHEMES and name not in DATA_INITS and weight_init(name) is None:
+    known = (*INIT_SCHEMES, *DATA_INITS, *POLICY_INITS)
+    if name not in known and weight_init(name) is None:
         raise RankwiseError(f"unknown init '{name}': choose one of {', '.join(init_names())}")
 
 
@@ -82,7 +88,7 @@ def init_experts(layer: LowRankExperts) -> None:
             start_from(layer, *from_weight(weight.to(layer.lora_A.dtype), spec.rank, spec.scaling))
             continue
         a, b = layer.expert_factors(e)
-        INIT_SCHEMES[expert.init](a, b)
+        {**INIT_SCHEMES, **POLICY_INITS}[expert.init](a, b)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from torch import nn
 
 from rankwise.adapters.dora import DoRA
 from rankwise.adapters.init import check_init
+from rankwise.adapters.kasa import PENALTIES, KaSA
 from rankwise.adapters.layer import ExpertSpec, LinearWrapper, LowRankExperts
 from rankwise.architectures import is_linear
 from rankwise.errors import RankwiseError
@@ -60,7 +61,14 @@ class LoraConfig(Options):
     init: str = option(
         "init_a",
         "how the factors start: init_a, init_b, gaussian (B A = 0); pissa, pissa_niter_N, olora "
-        "(taken from W, which keeps the residual); corda_ipm, corda_kpm, eva (from --calib data)",
+        "(taken from W, which keeps the residual); corda_ipm, corda_kpm, eva (from --calib "
+        "data); kasa (W loses its r smallest singular triplets, a singular-value diagonal trains)",
+    )
+    kasa_beta: float = option(
+        PENALTIES[0], "kasa: weight of the singular values' L2 penalty", within="[0, inf)"
+    )
+    kasa_gamma: float = option(
+        PENALTIES[1], "kasa: weight of the factors' orthogonality penalty", within="[0, inf)"
     )
     rank_pattern: dict[str, int] = flagless({}, "module-name pattern -> rank (YAML only)")
     alpha_pattern: dict[str, float] = flagless({}, "module-name pattern -> alpha (YAML only)")
@@ -70,6 +78,8 @@ class LoraConfig(Options):
         check_init(self.init)
         if any(r < 1 for r in self.rank_pattern.values()):
             raise RankwiseError("LoRA ranks in rank_pattern must be positive integers")
+        if self.use_dora and self.init == "kasa":
+            raise RankwiseError("use_dora and init kasa do not combine: each rescales the update")
 
     def expert_for(self, module_name: str) -> ExpertSpec:
         """The expert spec for one module, with rank and alpha patterns applied."""
@@ -190,9 +200,11 @@ def inject_adapter(
     """
     names = select_targets(model, config.target_modules)
     layers = inject_experts(model, {name: [config.expert_for(name)] for name in names}, initial)
-    if config.use_dora:
-        for layer in layers.values():
+    for layer in layers.values():
+        if config.use_dora:
             layer.policy = DoRA(layer)
+        elif config.init == "kasa":
+            layer.policy = KaSA(layer, beta=config.kasa_beta, gamma=config.kasa_gamma)
     return layers
 
 
@@ -212,6 +224,7 @@ def remove_experts(model: nn.Module) -> dict[str, LowRankExperts]:
         layer.policy.release()
         if layer.merged:
             layer.unmerge()
+        layer.policy.restore(layer)
         layer.restore_base()
     swap_modules(model, {name: layer.base for name, layer in removed.items()})
     return removed

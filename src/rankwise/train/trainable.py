@@ -66,7 +66,9 @@ class LoraAdapter:
         return [layer.lora_B for layer in self.layers.values()]
 
     def aux_loss(self) -> torch.Tensor:
-        return torch.zeros((), device=self.device)
+        terms = [layer.policy.regularisation(layer) for layer in self.layers.values()]
+        terms = [term for term in terms if term is not None]  # KaSA's, say
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=self.device)
 
     def after_step(self, world: World) -> None:
         return None
