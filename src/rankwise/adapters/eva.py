@@ -11,9 +11,12 @@ component is not adapted. Its alpha scales with its new rank, so the scaling s s
 (PEFT's ``adjust_scaling_factors``).
 
 The paper and PEFT run an incremental PCA over mini-batches until the components stop moving
-(cosine similarity >= tau between consecutive batches). Here each batch adds to exact
-running moments and the components are the covariance's eigenvectors, so they converge to the
-exact PCA of all the data seen; the same convergence rule decides when to stop reading data.
+(cosine similarity >= tau between consecutive batches). Here each batch adds to exact running
+moments; between batches the leading components are refined by subspace iteration from the
+previous ones (a few [in, in] x [in, k] products, where a full eigendecomposition of every
+layer's covariance per batch would cost more than the forward passes), the same convergence
+rule decides when to stop reading data, and the components used are the exact PCA of all the
+data read (one eigendecomposition per input at the end).
 """
 
 from __future__ import annotations
@@ -23,15 +26,33 @@ from collections.abc import Mapping
 import torch
 
 
-def principal_components(
-    gram: torch.Tensor, mean: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(components [in, in] as rows, largest first; explained-variance ratios) of the inputs
-    with second moment ``gram`` = E[x x^T] and mean ``mean`` = E[x]."""
-    covariance = gram - torch.outer(mean, mean)
+def covariance(gram: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """E[x x^T] - E[x] E[x]^T from the second moment and the mean."""
+    return gram - torch.outer(mean, mean)
+
+
+def ratios(values: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """Explained-variance ratios of eigenvalues (largest first): lambda_i / trace(C)."""
+    total = covariance.trace().clamp_min(torch.finfo(covariance.dtype).tiny)
+    return values.clamp_min(0) / total
+
+
+def principal_components(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(components [in, in] as rows, largest first; their explained-variance ratios)."""
     values, vectors = torch.linalg.eigh(covariance)  # ascending
-    values = values.flip(0).clamp_min(0)
-    return vectors.flip(1).T, values / values.sum().clamp_min(torch.finfo(values.dtype).tiny)
+    return vectors.flip(1).T, ratios(values.flip(0), covariance)
+
+
+def refine(
+    covariance: torch.Tensor, components: torch.Tensor, iterations: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k leading components (rows, largest first) and ratios by subspace iteration started
+    from ``components`` [k, in], with a Rayleigh-Ritz step to order them."""
+    basis = components.T
+    for _ in range(iterations):
+        basis = torch.linalg.qr(covariance @ basis).Q
+    values, vectors = torch.linalg.eigh(basis.T @ covariance @ basis)
+    return (basis @ vectors).flip(1).T, ratios(values.flip(0), covariance)
 
 
 def have_converged(previous: torch.Tensor, current: torch.Tensor, tau: float) -> bool:

@@ -16,7 +16,14 @@ import torch
 from tqdm import tqdm
 
 from rankwise.adapters import LoraConfig
-from rankwise.adapters.eva import distribute_ranks, have_converged, principal_components
+from rankwise.adapters.eva import (
+    component_caps,
+    covariance,
+    distribute_ranks,
+    have_converged,
+    principal_components,
+    refine,
+)
 from rankwise.adapters.inject import adaptable_modules, select_targets
 from rankwise.adapters.weight_init import corda
 from rankwise.architectures import dense_weight, shared_input
@@ -61,26 +68,34 @@ def eva_start(
     needs stop moving, then give each layer its share of the rank budget."""
     lora, sources = config.lora(), sorted(set(reads.values()))
     ranks = {name: lora.expert_for(name).rank for name in reads}
+    caps = component_caps(ranks, config.eva_rho)
+    width = {s: max(caps[n] for n in reads if reads[n] == s) for s in sources}
     sums: dict[str, list[torch.Tensor]] = {}
-    previous: dict[str, torch.Tensor] = {}
+    leading: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # source -> (rows, ratios)
     tokens, done = 0, False
     bar = tqdm(total=len(calibration), desc="eva", unit="block")
     for chunk in calibration.split(EVA_BATCH):
         stats = collect_statistics(model, chunk, {s: {GRAM, MEAN} for s in sources}, progress=False)
+        tokens += stats.tokens
+        moved = {}
         for s in sources:
             moments = [stats.gram[s] * stats.tokens, stats.mean[s] * stats.tokens]
             if s in sums:
                 moments = [a + b for a, b in zip(sums[s], moments, strict=True)]
             sums[s] = moments
-        tokens += stats.tokens
-        current = {s: principal_components(g / tokens, m / tokens) for s, (g, m) in sums.items()}
-        given = distribute_ranks({n: current[reads[n]][1] for n in reads}, ranks, config.eva_rho)
+            cov = covariance(moments[0] / tokens, moments[1] / tokens)
+            if s in leading:
+                moved[s] = leading[s][0]
+                leading[s] = refine(cov, leading[s][0])
+            else:
+                rows, share = principal_components(cov)
+                leading[s] = rows[: width[s]], share[: width[s]]
+        given = distribute_ranks({n: leading[reads[n]][1] for n in reads}, ranks, config.eva_rho)
         need = {s: max(given[n] for n in reads if reads[n] == s) for s in sources}
-        done = bool(previous) and all(
-            have_converged(previous[s][: need[s]], current[s][0][: need[s]], config.eva_tau)
+        done = len(moved) == len(sources) and all(
+            have_converged(moved[s][: need[s]], leading[s][0][: need[s]], config.eva_tau)
             for s in sources
         )
-        previous = {s: current[s][0] for s in sources}
         bar.update(len(chunk))
         if done:
             break
@@ -92,6 +107,10 @@ def eva_start(
             "for a stabler start)",
             file=sys.stderr,
         )
+    exact = {
+        s: principal_components(covariance(g / tokens, m / tokens)) for s, (g, m) in sums.items()
+    }
+    given = distribute_ranks({n: exact[reads[n]][1] for n in reads}, ranks, config.eva_rho)
     kept = {name: rank for name, rank in given.items() if rank > 0}
     if not kept:
         raise RankwiseError("eva gave every layer rank 0; raise --r or lower --eva-rho")
@@ -99,7 +118,7 @@ def eva_start(
     modules = adaptable_modules(model)
     factors = {}
     for name, rank in kept.items():
-        a = previous[reads[name]][:rank].to(torch.float32)
+        a = exact[reads[name]][0][:rank].to(torch.float32)
         factors[name] = (a, a.new_zeros(dense_weight(modules[name]).shape[0], rank))
     settings = dict(target_modules=list(kept), rank_pattern=kept, alpha_pattern=alphas)
     return dataclasses.replace(lora, **settings), factors
