@@ -94,9 +94,11 @@ def test_training_learns_and_writes_everything(model_dir, tmp_path):
         {"init": "corda_kpm", "calib_samples": 8, "seq_len": 16},
         {"init": "eva", "calib_samples": 8, "seq_len": 16},
         {"init": "kasa"},
+        {"init": "loldu"},
+        {"init": "nola", "nola_bases": 8},
         {"use_dora": True, "loraplus_lr_ratio": 4.0},
     ],
-    ids=["lora", "pissa", "corda", "eva", "kasa", "dora+loraplus"],
+    ids=["lora", "pissa", "corda", "eva", "kasa", "loldu", "nola", "dora+loraplus"],
 )
 def test_interrupted_run_resumes_to_the_same_adapter(model_dir, tmp_path, monkeypatch, variant):
     train(

@@ -152,7 +152,7 @@ def weights_from_model(
         spec = layer.experts[expert]
         if spec.rank == 0:
             continue
-        a, b = (f.detach().clone() for f in layer.expert_factors(expert))
+        a, b = (f.detach().clone() for f in layer.policy.saved_factors(layer, expert))
         alphas[name] = spec.alpha
         if layer.residual:
             a, b = torch.cat([a, layer.initial_A]), torch.cat([b, -layer.initial_B], dim=1)

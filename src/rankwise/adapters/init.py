@@ -54,8 +54,9 @@ INIT_SCHEMES: dict[str, InitScheme] = {
 
 
 # Inits that also choose the layer's policy (``inject_adapter`` attaches it: KaSA truncates W
-# and trains a singular-value diagonal); their factors start as the scheme given here.
-POLICY_INITS: dict[str, InitScheme] = {"kasa": init_a}
+# and trains a singular-value diagonal, LoLDU and NOLA train coefficients of frozen factors);
+# their factors start as the scheme given here, until the policy sets them.
+POLICY_INITS: dict[str, InitScheme] = {"kasa": init_a, "loldu": init_a, "nola": init_a}
 
 
 def init_names() -> list[str]:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rankwise.adapters.coefficients import NOLA, LoLDU
 from rankwise.adapters.dora import DoRA
-from rankwise.adapters.init import check_init
+from rankwise.adapters.init import POLICY_INITS, check_init
 from rankwise.adapters.kasa import PENALTIES, KaSA
 from rankwise.adapters.layer import ExpertSpec, LinearWrapper, LowRankExperts
 from rankwise.architectures import is_linear
@@ -62,7 +63,8 @@ class LoraConfig(Options):
         "init_a",
         "how the factors start: init_a, init_b, gaussian (B A = 0); pissa, pissa_niter_N, olora "
         "(taken from W, which keeps the residual); corda_ipm, corda_kpm, eva (from --calib "
-        "data); kasa (W loses its r smallest singular triplets, a singular-value diagonal trains)",
+        "data); kasa (W loses its r smallest singular triplets, a singular-value diagonal "
+        "trains); loldu, nola (frozen factors, trained coefficients)",
     )
     kasa_beta: float = option(
         PENALTIES[0], "kasa: weight of the singular values' L2 penalty", within="[0, inf)"
@@ -70,6 +72,8 @@ class LoraConfig(Options):
     kasa_gamma: float = option(
         PENALTIES[1], "kasa: weight of the factors' orthogonality penalty", within="[0, inf)"
     )
+    nola_bases: int = option(64, "nola: random bases per factor (k)", within="[1, inf)")
+    nola_seed: int = option(0, "nola: seed of the random bases (layer i draws from seed + i)")
     rank_pattern: dict[str, int] = flagless({}, "module-name pattern -> rank (YAML only)")
     alpha_pattern: dict[str, float] = flagless({}, "module-name pattern -> alpha (YAML only)")
 
@@ -78,8 +82,8 @@ class LoraConfig(Options):
         check_init(self.init)
         if any(r < 1 for r in self.rank_pattern.values()):
             raise RankwiseError("LoRA ranks in rank_pattern must be positive integers")
-        if self.use_dora and self.init == "kasa":
-            raise RankwiseError("use_dora and init kasa do not combine: each rescales the update")
+        if self.use_dora and self.init in POLICY_INITS:
+            raise RankwiseError(f"use_dora and init {self.init} do not combine: each is a policy")
 
     def expert_for(self, module_name: str) -> ExpertSpec:
         """The expert spec for one module, with rank and alpha patterns applied."""
@@ -200,11 +204,15 @@ def inject_adapter(
     """
     names = select_targets(model, config.target_modules)
     layers = inject_experts(model, {name: [config.expert_for(name)] for name in names}, initial)
-    for layer in layers.values():
+    for index, layer in enumerate(layers.values()):
         if config.use_dora:
             layer.policy = DoRA(layer)
         elif config.init == "kasa":
             layer.policy = KaSA(layer, beta=config.kasa_beta, gamma=config.kasa_gamma)
+        elif config.init == "loldu":
+            layer.policy = LoLDU(layer)
+        elif config.init == "nola":
+            layer.policy = NOLA(layer, config.nola_bases, config.nola_seed + index)
     return layers
 
 

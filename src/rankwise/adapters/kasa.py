@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankwise.adapters.layer import LowRankExperts, Policy
+from rankwise.adapters.layer import LowRankExperts
+from rankwise.adapters.policy import Policy
 from rankwise.architectures import dense_weight
 from rankwise.errors import RankwiseError
 

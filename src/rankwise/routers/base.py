@@ -17,7 +17,8 @@ from torch import nn
 
 from rankwise.adapters.init import INIT_SCHEMES
 from rankwise.adapters.inject import select_targets, target_option
-from rankwise.adapters.layer import ExpertSpec, LowRankExperts, Policy
+from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.adapters.policy import Policy
 from rankwise.options import Options, option
 
 

@@ -10,14 +10,20 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from rankwise.adapters import copy_factors, inject_adapter, read_adapter, save_adapter
 from rankwise.adapters.weight_init import DATA_INITS
+from rankwise.atomic import atomic_file
 from rankwise.errors import RankwiseError
 from rankwise.models import LoadedModel, model_device
 from rankwise.train.calibrated import calibrated_start
 from rankwise.train.config import TrainConfig
 from rankwise.train.distributed import World
+
+# Beside a checkpoint's adapter: trained coefficients PEFT's format has no place for (LoLDU,
+# NOLA; the adapter holds the plain LoRA they make), so that --resume continues exactly.
+POLICY_STATE = "policy_state.safetensors"
 
 
 class Trainable(Protocol):
@@ -60,10 +66,11 @@ class LoraAdapter:
         self.device = model_device(self.model)
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for layer in self.layers.values() for p in layer.adapter_params().values()]
+        params = [p for layer in self.layers.values() for p in layer.adapter_params().values()]
+        return [p for p in params if p.requires_grad]  # LoLDU's and NOLA's factors are frozen
 
     def up_factors(self) -> list[torch.nn.Parameter]:
-        return [layer.lora_B for layer in self.layers.values()]
+        return [layer.lora_B for layer in self.layers.values() if layer.lora_B.requires_grad]
 
     def aux_loss(self) -> torch.Tensor:
         terms = [layer.policy.regularisation(layer) for layer in self.layers.values()]
@@ -75,6 +82,13 @@ class LoraAdapter:
 
     def save(self, folder: Path, base_model: str) -> None:
         save_adapter(self.model, folder, base_model=base_model)
+        state = {
+            f"{name}:{key}": tensor.detach().contiguous().cpu()
+            for name, layer in self.layers.items()
+            for key, tensor in layer.policy.state().items()
+        }
+        if state:
+            atomic_file(folder / POLICY_STATE, lambda tmp: save_file(state, tmp))
 
     @torch.no_grad()
     def load(self, folder: Path) -> None:
@@ -82,4 +96,13 @@ class LoraAdapter:
         missing = sorted(set(self.layers) - set(weights.factors))
         if missing:
             raise RankwiseError(f"checkpoint '{folder}' has no weights for {missing[0]}")
-        copy_factors(self.layers, [weights])
+        coefficients = {n: layer for n, layer in self.layers.items() if layer.policy.state()}
+        copy_factors({n: x for n, x in self.layers.items() if n not in coefficients}, [weights])
+        if not coefficients:
+            return
+        if not (folder / POLICY_STATE).exists():
+            raise RankwiseError(f"checkpoint '{folder}' lacks {POLICY_STATE}, needed to resume")
+        saved = load_file(folder / POLICY_STATE)
+        for name, layer in coefficients.items():
+            for key, tensor in layer.policy.state().items():
+                tensor.copy_(saved[f"{name}:{key}"])
