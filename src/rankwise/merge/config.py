@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from rankwise.adapters import read_adapter, write_adapter
 from rankwise.errors import RankwiseError
 from rankwise.merge.api import MergeResult, merge_adapters
-from rankwise.merge.base import METHODS
+from rankwise.merge.registry import METHODS
 from rankwise.options import Options, option
 
 
