@@ -49,7 +49,7 @@ class MergeOptions:
     """Settings a method may read beyond the rank (randomness comes as a seeded generator)."""
 
     density: float | None = None  # fraction of each task's entries kept (ties, dare_*, knots_*)
-    settings: Options = field(default_factory=NoSettings)  # the method's own settings, an instance of its ``settings``
+    settings: Options = field(default_factory=NoSettings)  # an instance of the method's settings
 
 
 @dataclass(frozen=True)
