@@ -13,8 +13,9 @@ that is linear in the updates or depends only on their singular structure (sums,
 the same result in core space as on dense updates; entry-wise rules (TIES, DARE) act on core
 entries, as the paper does.
 
-Choice: the bases are rank-revealing (QR, then an SVD of the small triangular factor, keeping
-singular values above 1e-10 of the largest), so duplicated or zero directions are not carried.
+Choice: the bases are rank-revealing (QR, then an SVD of the small triangular factor, keeping the
+singular values above the numerical-rank threshold of ``torch.linalg.matrix_rank``: the largest
+times eps of the dtype times the larger side), so duplicated or zero directions are not carried.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from rankwise.merge.base import Contribution, MergeMethod, MergeOptions, ModuleMerge, split_svd
-
-TOLERANCE = 1e-10  # relative: directions below this fraction of the largest are not in the basis
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,14 @@ def column_basis(m: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis [n, p] of the column space of ``m`` [n, R], rank-revealing."""
     q, r = torch.linalg.qr(m)  # (n, R'), (R', R)
     u, s, _ = torch.linalg.svd(r, full_matrices=False)
-    keep = s > TOLERANCE * s[0] if s.numel() and s[0] > 0 else s > 0
-    return q @ u[:, keep]
+    return q @ u[:, nonzero(s, m.shape)]
+
+
+def nonzero(s: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Which descending singular values of a matrix of ``shape`` are numerically nonzero."""
+    if s.numel() == 0:
+        return s > 0
+    return s > s[0] * max(shape) * torch.finfo(s.dtype).eps
 
 
 def core_space(parts: Sequence[Contribution]) -> CoreSpace:
@@ -67,7 +72,7 @@ def from_core(space: CoreSpace, core: torch.Tensor, rank: int) -> ModuleMerge:
 def singular_triplets(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of a core with only its numerically nonzero singular values: (U, S, Vh)."""
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    keep = s > TOLERANCE * s[0] if s.numel() and s[0] > 0 else s > 0
+    keep = nonzero(s, core.shape)
     return u[:, keep], s[keep], vh[keep]
 
 

@@ -8,8 +8,8 @@ drops and rescales instead of trimming. The merged update is U times the merged 
 
 Runs in core space (the core space paper's KnOTS): the joint SVD is of the stacked cores
 [M_1 … M_T] (p x T q) rather than of the dense updates, and the blocks are diag(σ) V_tᵀ in core
-coordinates (q columns, not `in`). Singular values below 1e-10 of the largest are dropped, as the
-official code drops those below 1e-5.
+coordinates (q columns, not `in`). Numerically zero singular values are dropped (the rank threshold
+of ``torch.linalg.matrix_rank``), as the official code drops those below 1e-5.
 """
 
 from __future__ import annotations
