@@ -99,9 +99,10 @@ def interference(adapters: Sequence[LoraWeights], names: Sequence[str]) -> Inter
             norm = gram_inner(b, a, b, a).clamp_min(0).sqrt()
             factors[name] = (a, b, norm, column_basis(a.T), column_basis(b))
         per_pair = {}
-        for (s, (a_s, b_s, n_s, in_s, out_s)), (t, (a_t, b_t, n_t, in_t, out_t)) in (
-            itertools.combinations(factors.items(), 2)
-        ):
+        for (s, (a_s, b_s, n_s, in_s, out_s)), (
+            t,
+            (a_t, b_t, n_t, in_t, out_t),
+        ) in itertools.combinations(factors.items(), 2):
             denominator = float(n_s * n_t)
             cosine = float(gram_inner(b_s, a_s, b_t, a_t)) / denominator if denominator else 0.0
             per_pair[(s, t)] = PairInterference(cosine, overlap(in_s, in_t), overlap(out_s, out_t))
