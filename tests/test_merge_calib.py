@@ -105,3 +105,19 @@ def test_interference_is_one_for_the_same_adapter_and_zero_for_orthogonal_ones()
     assert same.cosine == pytest.approx(1) and same.input_overlap == pytest.approx(1)
     assert same.output_overlap == pytest.approx(1)
     assert apart.cosine < 1e-5 and apart.input_overlap < 1e-5 and apart.output_overlap < 1e-5
+
+
+def test_regmean_plus_matches_regmean_on_the_first_block_and_refits_later_ones(
+    tmp_path, folders, model_dir
+):
+    c1 = prompts(tmp_path / "c1.jsonl", ["w1", "w2", "w3"], "w4")
+    c2 = prompts(tmp_path / "c2.jsonl", ["w6", "w7"], "w8")
+    common = [*folders, "--model", str(model_dir), "--device", "cpu", "--method", "regmean"]
+    common += ["--rank", "6", "--calib", c1, c2]
+    rankwise_merge([*common, "-o", str(tmp_path / "plain")])
+    rankwise_merge([*common, "--regmean-plus", "true", "-o", str(tmp_path / "plus")])
+    plain, plus = read_adapter(tmp_path / "plain"), read_adapter(tmp_path / "plus")
+    assert set(plain.factors) == set(plus.factors)
+    for module in plain.factors:
+        close = torch.allclose(plain.delta(module), plus.delta(module), atol=1e-6)
+        assert close == (".layers.0." in module), module  # block 1 sees block 0 merged

@@ -71,6 +71,10 @@ class MergeMethod:
     needs_calibration = False  # whether every Contribution must carry its task's input Gram
     settings: type[Options] = NoSettings  # the method's own settings (flat flags and YAML keys)
 
+    def layer_by_layer(self, settings: Options) -> bool:
+        """Whether the calibration statistics are measured block by block through the merge."""
+        return False
+
     def capacity(self, parts: Sequence[Contribution]) -> int:
         """The largest rank this method can produce for a module with these contributions."""
         raise NotImplementedError(f"{type(self).__name__} does not define capacity")

@@ -17,7 +17,7 @@ from rankwise.adapters import read_adapter, write_adapter
 from rankwise.configfile import load_yaml
 from rankwise.errors import RankwiseError
 from rankwise.merge.api import MergeResult, check_grams, merge_adapters, method_named
-from rankwise.merge.calibration import task_grams
+from rankwise.merge.calibration import merge_layer_by_layer, task_grams
 from rankwise.merge.interference import InterferenceReport, interference
 from rankwise.merge.registry import METHODS
 from rankwise.models import ModelOptions
@@ -100,26 +100,28 @@ class MergeConfig(ModelOptions):
 def run_merge(config: MergeConfig) -> MergeResult:
     """Read the adapter folders, merge them and write the merged adapter to ``config.output``."""
     adapters = [read_adapter(path) for path in config.adapters]
-    grams = None
-    if config.calib:
-        grams = task_grams(
-            config.load(),
-            adapters,
-            config.calib,
-            samples=config.calib_samples,
-            seq_len=config.calib_seq_len,
+
+    def merge(parts: list, grams: list | None) -> MergeResult:
+        return merge_adapters(
+            parts,
+            method=config.method,
+            weights=config.weights,
+            density=config.density,
+            rank=config.rank,
+            seed=config.seed,
+            names=[f"adapter '{path}'" for path in config.adapters],
+            settings=config.settings,
+            grams=grams,
         )
-    result = merge_adapters(
-        adapters,
-        method=config.method,
-        weights=config.weights,
-        density=config.density,
-        rank=config.rank,
-        seed=config.seed,
-        names=[f"adapter '{path}'" for path in config.adapters],
-        settings=config.settings,
-        grams=grams,
-    )
+
+    merger = method_named(config.method)
+    calib = {"samples": config.calib_samples, "seq_len": config.calib_seq_len}
+    if not config.calib:
+        result = merge(adapters, None)
+    elif merger.layer_by_layer(merger.settings.from_mapping(config.settings)):
+        result = merge_layer_by_layer(config.load(), adapters, config.calib, merge, **calib)
+    else:
+        result = merge(adapters, task_grams(config.load(), adapters, config.calib, **calib))
     write_adapter(result.weights, config.output)
     return result
 

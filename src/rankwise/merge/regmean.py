@@ -18,6 +18,10 @@ Choices: G_t is E[x xᵀ] (a mean over the task's calibration tokens, so every t
 whatever its prompts' length), measured with the task's own adapter attached (the paper's
 inputs come from each fine-tuned model); an adapter that does not adapt a module does not weigh
 in there; a ridge of 1e-6 times G's mean diagonal keeps the solve defined when alpha is 1.
+
+RegMean++ (``regmean_plus``, arXiv 2508.03121) measures each block's inputs on the model whose
+earlier blocks already carry the merged update, so later layers are fitted to what the merged
+model really feeds them (``rankwise.merge.calibration.merge_layer_by_layer``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class RegMeanSettings(Options):
         0.9, "regmean: scale of the off-diagonal entries of each task's input Gram matrix",
         within="[0, 1]",
     )  # fmt: skip
+    regmean_plus: bool = option(
+        False, "regmean: RegMean++, each block's inputs measured through the merged earlier blocks"
+    )
 
 
 def shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -69,6 +76,9 @@ class RegMeanMerge(CoreMerge):
 
     needs_calibration = True
     settings = RegMeanSettings
+
+    def layer_by_layer(self, settings: RegMeanSettings) -> bool:
+        return settings.regmean_plus
 
     def merge(
         self, parts: Sequence[Contribution], rank: int, options: MergeOptions, gen: torch.Generator
