@@ -16,6 +16,7 @@ from torch import nn
 from rankwise.adapters.dora import DoRA
 from rankwise.adapters.init import check_init
 from rankwise.adapters.layer import ExpertSpec, LinearWrapper, LowRankExperts
+from rankwise.adapters.lori import freeze_random_a
 from rankwise.architectures import is_linear
 from rankwise.errors import RankwiseError
 from rankwise.options import Options, flagless, option
@@ -62,6 +63,15 @@ class LoraConfig(Options):
         "how the factors start: init_a, init_b, gaussian (B A = 0); pissa, pissa_niter_N, olora "
         "(taken from W, which keeps the residual)",
     )
+    lori_seed: int | None = option(
+        None,
+        "LoRI (arXiv 2504.07448): A is a frozen random projection drawn from this seed (give each "
+        "task its own) and only B trains, so adapters of different tasks merge with little "
+        "interference",
+    )
+    lori_a_density: float = option(
+        1.0, "LoRI: fraction of the frozen A's entries kept (a sparse projection)", within="(0, 1]"
+    )
     rank_pattern: dict[str, int] = flagless({}, "module-name pattern -> rank (YAML only)")
     alpha_pattern: dict[str, float] = flagless({}, "module-name pattern -> alpha (YAML only)")
 
@@ -70,6 +80,8 @@ class LoraConfig(Options):
         check_init(self.init)
         if any(r < 1 for r in self.rank_pattern.values()):
             raise RankwiseError("LoRA ranks in rank_pattern must be positive integers")
+        if self.lori_seed is not None and (self.init != "init_a" or self.use_dora):
+            raise RankwiseError("LoRI (lori_seed) draws A itself: use it with init_a and no DoRA")
 
     def expert_for(self, module_name: str) -> ExpertSpec:
         """The expert spec for one module, with rank and alpha patterns applied."""
@@ -193,6 +205,8 @@ def inject_adapter(
     if config.use_dora:
         for layer in layers.values():
             layer.policy = DoRA(layer)
+    if config.lori_seed is not None:
+        freeze_random_a(layers, config.lori_seed, config.lori_a_density)
     return layers
 
 

@@ -9,11 +9,13 @@ data (``calib``, one source per adapter).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rankwise.adapters import read_adapter, write_adapter
+from rankwise.adapters.lori import read_lori_record
 from rankwise.configfile import load_yaml
 from rankwise.errors import RankwiseError
 from rankwise.merge.api import MergeResult, check_grams, merge_adapters, method_named
@@ -100,6 +102,9 @@ class MergeConfig(ModelOptions):
 def run_merge(config: MergeConfig) -> MergeResult:
     """Read the adapter folders, merge them and write the merged adapter to ``config.output``."""
     adapters = [read_adapter(path) for path in config.adapters]
+    warning = lori_warning(config.adapters)
+    if warning:
+        print(warning, file=sys.stderr)
 
     def merge(parts: list, grams: list | None) -> MergeResult:
         return merge_adapters(
@@ -129,3 +134,25 @@ def run_merge(config: MergeConfig) -> MergeResult:
 def run_report(config: MergeConfig) -> InterferenceReport:
     """The interference diagnostics of the configured adapters (no merge)."""
     return interference([read_adapter(p) for p in config.adapters], config.adapters)
+
+
+def lori_warning(folders: Sequence[str]) -> str | None:
+    """One line when a merge loses what LoRI training gave (a mix, or a shared seed), else None."""
+    records = {folder: read_lori_record(folder) for folder in folders}
+    lori = [f for f, r in records.items() if r]
+    if lori and len(lori) < len(folders):
+        plain = [f for f, r in records.items() if not r]
+        return (
+            f"warning: {', '.join(lori)} trained mergeable (LoRI) but {', '.join(plain)} not: "
+            "a trained A overlaps every task's inputs, so the merge loses LoRI's low interference"
+        )
+    seeds: dict[int, str] = {}
+    for folder in lori:
+        seed = records[folder]["seed"]
+        if seed in seeds:
+            return (
+                f"warning: {seeds[seed]} and {folder} share LoRI seed {seed}: their frozen A's are "
+                "equal, so their updates act on the same inputs and interfere"
+            )
+        seeds[seed] = folder
+    return None

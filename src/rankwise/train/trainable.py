@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from rankwise.adapters import copy_factors, inject_adapter, read_adapter, save_adapter
+from rankwise.adapters.lori import write_lori_record
 from rankwise.adapters.weight_init import DATA_INITS
 from rankwise.errors import RankwiseError
 from rankwise.models import LoadedModel, model_device
@@ -54,11 +55,13 @@ class LoraAdapter:
     def __init__(self, loaded: LoadedModel, config: TrainConfig):
         self.model = loaded.model
         initial = calibrated_factors(loaded, config) if config.init in DATA_INITS else None
-        self.layers = inject_adapter(self.model, config.lora(), initial)
+        self.config = config.lora()
+        self.layers = inject_adapter(self.model, self.config, initial)
         self.device = model_device(self.model)
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for layer in self.layers.values() for p in layer.adapter_params().values()]
+        params = [p for layer in self.layers.values() for p in layer.adapter_params().values()]
+        return [p for p in params if p.requires_grad]  # LoRI's A is frozen
 
     def up_factors(self) -> list[torch.nn.Parameter]:
         return [layer.lora_B for layer in self.layers.values()]
@@ -71,6 +74,8 @@ class LoraAdapter:
 
     def save(self, folder: Path, base_model: str) -> None:
         save_adapter(self.model, folder, base_model=base_model)
+        if self.config.lori_seed is not None:
+            write_lori_record(folder, self.config.lori_seed, self.config.lori_a_density)
 
     @torch.no_grad()
     def load(self, folder: Path) -> None:
