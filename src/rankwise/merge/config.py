@@ -21,6 +21,7 @@ from rankwise.errors import RankwiseError
 from rankwise.merge.api import MergeResult, check_grams, merge_adapters, method_named
 from rankwise.merge.calibration import merge_layer_by_layer, task_grams
 from rankwise.merge.interference import InterferenceReport, interference
+from rankwise.merge.learned import OBJECTIVES, learn_coefficients
 from rankwise.merge.registry import METHODS
 from rankwise.models import ModelOptions
 from rankwise.options import (
@@ -57,8 +58,18 @@ class MergeConfig(ModelOptions):
     )
     seed: int = option(0, "seeds DARE's drops and LoRA-LEGO's k-means")
     calib: list[str] = option(
-        [], "unlabeled prompts, one data spec or path per adapter (regmean)", spaced=True
-    )
+        [], "a few examples of each adapter's task, one data spec or path per adapter, in order "
+        "(regmean and learn read only their prompts)", spaced=True,
+    )  # fmt: skip
+    learn: str | None = option(
+        None, "learn one weight per adapter and module on --calib, then merge linearly: loss "
+        "(answers' cross-entropy, LoRA Soups/CAT) or entropy (unlabeled prompts, AdaMerging)",
+        choices=OBJECTIVES,
+    )  # fmt: skip
+    learn_steps: int = option(50, "learn: optimizer steps (one example per task each)",
+                              within="[1, inf)")  # fmt: skip
+    learn_lr: float = option(0.05, "learn: Adam learning rate of the coefficients",
+                             within="(0, inf)")  # fmt: skip
     calib_samples: int = option(64, "prompts read from each calibration source", within="[1, inf)")
     calib_seq_len: int = option(256, "tokens per calibration row", within="[2, inf)")
     report: bool = option(
@@ -73,9 +84,20 @@ class MergeConfig(ModelOptions):
         if not self.output and not self.report:
             raise RankwiseError("give the output folder for the merged adapter (-o/--output)")
         merger = method_named(self.method)
+        if self.learn:
+            if self.method != "linear":
+                raise RankwiseError(
+                    f"--learn trains the weights of a linear merge, not {self.method}"
+                )
+            if len(self.calib) != len(self.adapters):
+                raise RankwiseError(
+                    f"--learn needs one --calib source per adapter: got {len(self.calib)} for "
+                    f"{len(self.adapters)} adapters"
+                )
+            return
         if self.calib and not merger.needs_calibration:
             users = ", ".join(n for n, m in METHODS.items() if m.needs_calibration)
-            raise RankwiseError(f"--calib applies to {users}, not to {self.method}")
+            raise RankwiseError(f"--calib applies to {users} and --learn, not to {self.method}")
         if self.output:
             calib = self.calib or None
             check_grams(merger, self.method, self.adapters, calib)
@@ -106,11 +128,25 @@ def run_merge(config: MergeConfig) -> MergeResult:
     if warning:
         print(warning, file=sys.stderr)
 
+    weights = config.weights
+    if config.learn:
+        adapters = learn_coefficients(
+            config.load(),
+            adapters,
+            config.calib,
+            kind=config.learn,
+            start=config.weights,
+            steps=config.learn_steps,
+            lr=config.learn_lr,
+            samples=config.calib_samples,
+        )
+        weights = None  # folded into the adapters
+
     def merge(parts: list, grams: list | None) -> MergeResult:
         return merge_adapters(
             parts,
             method=config.method,
-            weights=config.weights,
+            weights=weights,
             density=config.density,
             rank=config.rank,
             seed=config.seed,
@@ -121,7 +157,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
 
     merger = method_named(config.method)
     calib = {"samples": config.calib_samples, "seq_len": config.calib_seq_len}
-    if not config.calib:
+    if not config.calib or config.learn:
         result = merge(adapters, None)
     elif merger.layer_by_layer(merger.settings.from_mapping(config.settings)):
         result = merge_layer_by_layer(config.load(), adapters, config.calib, merge, **calib)
