@@ -199,6 +199,8 @@ def contributions(
         for module, (a, b) in weights.factors.items():
             gram = None
             if grams is not None:
+                if module not in grams[i]:
+                    raise RankwiseError(f"adapter {i} has no calibration statistics for {module}")
                 gram = grams[i][module].to(device=a.device, dtype=dtype)  # (in, in)
             part = Contribution(a.to(dtype), b.to(dtype), coef * weights.scaling(module), gram)
             parts.setdefault(module, []).append(part)
