@@ -174,9 +174,9 @@ def quick_adapters(folder: Path) -> Path:
     """Two tiny task adapters trained here (a smoke run, not a measurement)."""
     for name in QUICK_TASKS:
         train(TrainConfig.from_mapping(dict(
-            data=f"task:{name}", output_dir=str(folder / name), max_steps=16, r=4,
+            data=f"task:{name}", output_dir=str(folder / name), max_steps=8, r=4,
             lora_alpha=8, target_modules=["q_proj", "v_proj"], lr=3e-3, batch_size=4,
-            warmup_steps=2, eval_every=0, save_every=0, train_examples=64,
+            warmup_steps=2, eval_every=0, save_every=0, train_examples=32,
         )))  # fmt: skip
     return folder
 

@@ -40,10 +40,10 @@ def test_core_space_is_lossless_and_small():
         space = core_space(parts)
         p, q = space.u_b.shape[1], space.v_a.shape[1]
         assert p <= 9 and q <= 9 and space.cores.shape == (3, p, q)
-        assert torch.allclose(space.u_b.T @ space.u_b, torch.eye(p), atol=1e-5)
-        assert torch.allclose(space.v_a.T @ space.v_a, torch.eye(q), atol=1e-5)
+        assert torch.allclose(space.u_b.T @ space.u_b, torch.eye(p).double(), atol=1e-10)
+        assert torch.allclose(space.v_a.T @ space.v_a, torch.eye(q).double(), atol=1e-10)
         for part, core in zip(parts, space.cores, strict=True):
-            assert torch.allclose(space.update(core), part.delta(), atol=1e-6), module
+            assert torch.allclose(space.update(core), part.delta().double(), atol=1e-6), module
 
 
 def test_core_space_bases_drop_repeated_directions():
@@ -115,7 +115,7 @@ def test_knots_alignment_is_lossless_and_at_full_density_ties_of_disjoint_tasks_
     adapters = [random_adapter(15), random_adapter(16, rank=2)]
     space = core_space(contributions(adapters, [1.0, 1.0])[Q])
     u, blocks = aligned(space.cores)
-    assert torch.allclose(u.T @ u, torch.eye(u.shape[1]), atol=1e-5)
+    assert torch.allclose(u.T @ u, torch.eye(u.shape[1]).double(), atol=1e-10)
     for core, block in zip(space.cores, blocks, strict=True):
         assert torch.allclose(u @ block, core, atol=1e-5)
     one = merge_adapters(adapters[:1], method="knots_ties", density=1.0).weights

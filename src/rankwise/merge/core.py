@@ -13,9 +13,10 @@ that is linear in the updates or depends only on their singular structure (sums,
 the same result in core space as on dense updates; entry-wise rules (TIES, DARE) act on core
 entries, as the paper does.
 
-Choice: the bases are rank-revealing (QR, then an SVD of the small triangular factor, keeping the
-singular values above the numerical-rank threshold of ``torch.linalg.matrix_rank``: the largest
-times eps of the dtype times the larger side), so duplicated or zero directions are not carried.
+Choices: the core space is computed in float64 (float32 on MPS, which has none); the bases are
+rank-revealing (QR, then an SVD of the small triangular factor, keeping the singular values above
+the numerical-rank threshold of ``torch.linalg.matrix_rank``: the largest times eps of the dtype
+times the larger side), so duplicated or zero directions are not carried.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rankwise.compress.precision import accumulation_dtype
 from rankwise.merge.base import Contribution, MergeMethod, MergeOptions, ModuleMerge, split_svd
 
 
@@ -56,10 +58,18 @@ def nonzero(s: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def core_space(parts: Sequence[Contribution]) -> CoreSpace:
-    """The bases of the stacked factors and each contribution's core (coefficient folded in)."""
-    u_b = column_basis(torch.cat([part.b for part in parts], dim=1))  # (out, p)
-    v_a = column_basis(torch.cat([part.a for part in parts], dim=0).T)  # (in, q)
-    cores = torch.stack([part.coef * (u_b.T @ part.b) @ (part.a @ v_a) for part in parts])
+    """The bases of the stacked factors and each contribution's core (coefficient folded in).
+
+    In float64 (float32 on MPS, which has none): the matrices are small, and directions of an
+    adapter whose update is 1e-6 of another's keep their accuracy.
+    """
+    dtype = accumulation_dtype(parts[0].a.device)
+    a_s, b_s = [part.a.to(dtype) for part in parts], [part.b.to(dtype) for part in parts]
+    u_b = column_basis(torch.cat(b_s, dim=1))  # (out, p)
+    v_a = column_basis(torch.cat(a_s, dim=0).T)  # (in, q)
+    cores = torch.stack(
+        [part.coef * (u_b.T @ b) @ (a @ v_a) for part, a, b in zip(parts, a_s, b_s, strict=True)]
+    )
     return CoreSpace(u_b, v_a, cores)  # cores: (T, p, q)
 
 

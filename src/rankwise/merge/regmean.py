@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rankwise.compress.precision import accumulation_dtype
 from rankwise.errors import RankwiseError
 from rankwise.merge.base import Contribution, MergeOptions, ModuleMerge
 from rankwise.merge.core import CoreMerge
@@ -61,12 +62,13 @@ def remixed(parts: Sequence[Contribution], alpha: float) -> list[Contribution]:
     """Each contribution with A_t replaced by A_t G_t G⁻¹ (B_t and c_t unchanged)."""
     if any(part.gram is None for part in parts):
         raise RankwiseError("regmean needs calibration data: give one --calib source per adapter")
-    grams = [shrunk(part.gram.to(part.a.dtype), alpha) for part in parts]  # (in, in) each
+    dtype = accumulation_dtype(parts[0].a.device)  # G may be ill-conditioned: solve in float64
+    grams = [shrunk(part.gram.to(dtype), alpha) for part in parts]  # (in, in) each
     total = sum(grams)
     ridge = RIDGE * total.diagonal().mean().clamp_min(1e-30)
     total = total + ridge * torch.eye(total.shape[0], dtype=total.dtype, device=total.device)
     return [
-        Contribution(torch.linalg.solve(total, g @ part.a.T).T, part.b, part.coef)  # (r, in)
+        Contribution(torch.linalg.solve(total, g @ part.a.to(dtype).T).T, part.b, part.coef)
         for part, g in zip(parts, grams, strict=True)
     ]
 
