@@ -49,6 +49,25 @@ def test_lori_trains_only_b_and_saves_an_ordinary_adapter(model_dir, tmp_path, c
     assert "warning" not in capsys.readouterr().err
 
 
+def test_lori_s_trains_only_the_dense_runs_largest_b_entries(model_dir, tmp_path):
+    dense = lori_run(model_dir, tmp_path, "dense", seed=5)
+    sparse = lori_run(model_dir, tmp_path, "sparse", seed=5, lori_b_mask=str(dense),
+                      lori_b_density=0.2)  # fmt: skip
+    d, s = read_adapter(dense), read_adapter(sparse)
+    magnitudes = torch.cat([b.abs().flatten() for _, b in d.factors.values()])
+    threshold = magnitudes.topk(int(0.2 * magnitudes.numel())).values[-1]
+    trained = 0
+    for module, (a, b) in s.factors.items():
+        assert torch.equal(a, d.factors[module][0])  # the same frozen A
+        outside = d.factors[module][1].abs() < threshold
+        assert torch.all(b[outside] == 0)  # only the mask's entries moved
+        trained += int((b != 0).sum())
+    assert 0.1 * magnitudes.numel() < trained <= 0.2 * magnitudes.numel() + 1
+    assert read_lori_record(sparse)["b_density"] == 0.2
+
+
 def test_lori_refuses_inits_that_draw_a_themselves():
     with pytest.raises(RankwiseError, match="LoRI .*init_a"):
         LoraConfig(lori_seed=1, init="pissa")
+    with pytest.raises(RankwiseError, match="LoRI-S .*needs the dense run's lori_seed"):
+        LoraConfig(lori_b_mask="runs/dense")

@@ -75,7 +75,9 @@ class LoraAdapter:
     def save(self, folder: Path, base_model: str) -> None:
         save_adapter(self.model, folder, base_model=base_model)
         if self.config.lori_seed is not None:
-            write_lori_record(folder, self.config.lori_seed, self.config.lori_a_density)
+            lori = self.config
+            b_density = lori.lori_b_density if lori.lori_b_mask else None
+            write_lori_record(folder, lori.lori_seed, lori.lori_a_density, b_density)
 
     @torch.no_grad()
     def load(self, folder: Path) -> None:
