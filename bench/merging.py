@@ -12,8 +12,9 @@ its hyperparameter (λ, the adapters' common weight, for the data-free methods; 
 the value whose merge keeps the most of the adapters' own validation exact match, and that merge
 is scored once on test. "Normalized" is a task's exact match under the merge over its own
 adapter's; per subset the table gives its mean and its worst task. PEFT's ``add_weighted_adapter``
-(svd, ties_svd, dare_ties_svd, cat) is searched the same way and its best kind reported. Reference
-rows: each task's own adapter, and (``--multitask``) one LoRA trained on all tasks together.
+(svd, ties_svd, dare_ties_svd, cat) is searched the same way; learned coefficients (``--learn``,
+on the tasks' training examples) have no grid. References: each task's own adapter (its exact
+match heads the table) and (``--multitask``) one LoRA trained on all tasks together (a row).
 Writes docs/benchmarks.md, section "merging" (not with --quick).
 """
 
@@ -45,6 +46,7 @@ from rankwise.errors import RankwiseError  # noqa: E402
 from rankwise.evaluate.accuracy import exact_match  # noqa: E402
 from rankwise.merge import METHODS, merge_adapters  # noqa: E402
 from rankwise.merge.calibration import task_grams  # noqa: E402
+from rankwise.merge.learned import OBJECTIVES, learn_coefficients  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
 from rankwise.train import TrainConfig, train  # noqa: E402
 
@@ -133,6 +135,14 @@ def candidates(args, loaded, adapters, calib) -> dict[str, tuple[str, list, obje
                 return merge_adapters(ws, method, [lam] * len(ws), rank=sum_rank(ws))
 
             out[method] = ("λ", LAMBDAS[1:4:2] if args.quick else LAMBDAS, free)
+    for kind in args.learn:
+
+        def learned(ws, tasks, steps, kind=kind):
+            sources = [f"task:{t}" for t in tasks]
+            ws = learn_coefficients(loaded, ws, sources, kind=kind, steps=steps, samples=calib)
+            return merge_adapters(ws, "linear", rank=sum_rank(ws))
+
+        out[f"learned {kind}"] = ("steps", [args.learn_steps], learned)
     for kind in args.peft:
         out[f"PEFT {kind}"] = (
             "λ",
@@ -189,6 +199,8 @@ def main() -> None:
     parser.add_argument("--triples", type=int, default=4, help="how many triples")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--peft", nargs="+", default=PEFT_KINDS)
+    parser.add_argument("--learn", nargs="*", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--learn-steps", type=int, default=50, help="learned coefficients' steps")
     parser.add_argument("--n", type=int, default=50, help="test items per task")
     parser.add_argument("--val", type=int, default=20, help="validation items per task")
     parser.add_argument("--calib-samples", type=int, default=64, help="RegMean prompts per task")
@@ -200,6 +212,7 @@ def main() -> None:
     if args.quick:
         args.n = args.val = 4
         args.methods, args.peft = ["linear", "tsv", "iso_c", "knots_ties", "regmean"], ["svd"]
+        args.learn, args.learn_steps = ["entropy"], 2
         args.calib_samples, args.max_new_tokens, args.subsets = 8, 12, ["pairs"]
         args.adapters = quick_adapters(Path(tempfile.mkdtemp(prefix="rankwise-merge-bench-")))
     if args.adapters is None:
@@ -226,22 +239,24 @@ def main() -> None:
             for group in groups:
                 ws = [adapters[t] for t in group]
                 best = None
-                for value in grid:  # line search on validation
+                for value in grid:  # line search on validation (nothing to choose: none)
+                    tic = time.perf_counter()
                     merged = merge(ws, group, value)[0]
-                    kept = mean(
-                        normalized(score(merged, group, "validation"), own["validation"]).values()
-                    )
+                    elapsed = time.perf_counter() - tic
+                    kept = 0.0
+                    if len(grid) > 1:
+                        on_val = score(merged, group, "validation")
+                        kept = mean(normalized(on_val, own["validation"]).values())
                     if best is None or kept > best[0]:
-                        best = (kept, value)
-                tic = time.perf_counter()
-                merged = merge(ws, group, best[1])[0]
-                seconds.append(time.perf_counter() - tic)
+                        best = (kept, value, merged, elapsed)
+                _, value, merged, elapsed = best
+                seconds.append(elapsed)
                 ranks.append(max(merged.rank(m) for m in merged.factors))
                 test = normalized(score(merged, group, "test"), own["test"])
-                print(f"{kind} {group} {label} {hp}={best[1]}: {test}", file=sys.stderr)
+                print(f"{kind} {group} {label} {hp}={value}: {test}", file=sys.stderr)
                 means.append(mean(test.values()))
                 worst.append(min(test.values(), default=0.0))
-                chosen.append(best[1])
+                chosen.append(value)
             rows.append([kind, label, f"{hp} {'/'.join(map(str, sorted(set(chosen))))}",
                          f"{100 * mean(means):.0f}", f"{100 * min(worst):.0f}",
                          max(ranks), f"{mean(seconds):.2f}"])  # fmt: skip
