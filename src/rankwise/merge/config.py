@@ -59,7 +59,7 @@ class MergeConfig(ModelOptions):
     seed: int = option(0, "seeds DARE's drops and LoRA-LEGO's k-means")
     calib: list[str] = option(
         [], "a few examples of each adapter's task, one data spec or path per adapter, in order "
-        "(regmean and learn read only their prompts)", spaced=True,
+        "(regmean and --learn entropy read only the prompts)", spaced=True,
     )  # fmt: skip
     learn: str | None = option(
         None, "learn one weight per adapter and module on --calib, then merge linearly: loss "
@@ -70,7 +70,7 @@ class MergeConfig(ModelOptions):
                               within="[1, inf)")  # fmt: skip
     learn_lr: float = option(0.05, "learn: Adam learning rate of the coefficients",
                              within="(0, inf)")  # fmt: skip
-    calib_samples: int = option(64, "prompts read from each calibration source", within="[1, inf)")
+    calib_samples: int = option(64, "records read from each calibration source", within="[1, inf)")
     calib_seq_len: int = option(256, "tokens per calibration row", within="[2, inf)")
     report: bool = option(
         False, "print the adapters' interference per pair and module (cosine, subspace overlap)"
@@ -84,6 +84,7 @@ class MergeConfig(ModelOptions):
         if not self.output and not self.report:
             raise RankwiseError("give the output folder for the merged adapter (-o/--output)")
         merger = method_named(self.method)
+        merger.settings.from_mapping(self.settings, f"the settings of {self.method}")  # early
         if self.learn:
             if self.method != "linear":
                 raise RankwiseError(
