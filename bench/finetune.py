@@ -6,9 +6,10 @@
 ``quality`` trains one rank-16 adapter per built-in task (bf16 base, fp32 adapters) and reports
 the base model's and the adapter's exact match on the task's test split; the adapters stay in
 ``--out/<task>`` for the merging and mixture benchmarks. ``speed`` trains on packed Python docs
-with rankwise fp32, rankwise bf16-base and PEFT fp32 (same model, rank, batches and sequence
-length), each in its own process so peak RSS is its own, and reports tokens/s, peak RSS and the
-final validation loss. Both write their table into docs/benchmarks.md.
+with rankwise fp32, rankwise bf16-base, PEFT fp32, and DoRA in both libraries (same model,
+rank, batches and sequence length), each in its own process so peak RSS is its own, and
+reports tokens/s, peak RSS and the final validation loss. Both write their table into
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -92,15 +93,17 @@ def quality(args: argparse.Namespace) -> None:
     )
 
 
-def peft_worker(steps: int) -> dict:
-    """PEFT's LoRA under the same loop as rankwise's: same batches, loss, optimizer, clipping."""
+def peft_worker(steps: int, use_dora: bool) -> dict:
+    """PEFT's LoRA (or DoRA) under the same loop as rankwise's: same batches, loss, optimizer,
+    clipping."""
     from peft import LoraConfig, get_peft_model
 
     loaded = load_model()
     config = TrainConfig.from_mapping({**SPEED, "max_steps": steps})
     torch.manual_seed(0)
     peft = get_peft_model(
-        loaded.model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+        loaded.model,
+        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=use_dora),
     )
     inner = peft.base_model.model
     examples, _ = build_examples(config.data, loaded.tokenizer, config, "train", World())
@@ -124,9 +127,9 @@ def peft_worker(steps: int) -> dict:
     }
 
 
-def rankwise_worker(steps: int, dtype: str, out: str) -> dict:
+def rankwise_worker(steps: int, dtype: str, out: str, use_dora: bool) -> dict:
     config = TrainConfig.from_mapping(
-        {**SPEED, "max_steps": steps, "dtype": dtype, "output_dir": out}
+        {**SPEED, "max_steps": steps, "dtype": dtype, "output_dir": out, "use_dora": use_dora}
     )
     result = train(config)
     loaded = load_model(dtype=dtype)
@@ -144,6 +147,8 @@ def speed(args: argparse.Namespace) -> None:
         "rankwise fp32": "float32",
         "rankwise bf16 base": "bfloat16",
         "HF PEFT fp32": "peft",
+        "rankwise DoRA fp32": "dora",
+        "HF PEFT DoRA fp32": "peft-dora",
     }
     results = {}
     for name, variant in variants.items():
@@ -156,6 +161,9 @@ def speed(args: argparse.Namespace) -> None:
         results[name] = json.loads(out.strip().splitlines()[-1])
         print(name, results[name], flush=True)
     peft_speed = results["HF PEFT fp32"]["tokens_per_s"]
+    dora = results["rankwise DoRA fp32"]["tokens_per_s"]
+    dora_ratio = dora / results["rankwise fp32"]["tokens_per_s"]
+    dora_vs_peft = dora / results["HF PEFT DoRA fp32"]["tokens_per_s"]
     fp32_val = results["rankwise fp32"]["val_loss"]
     rows = [
         [
@@ -178,8 +186,10 @@ def speed(args: argparse.Namespace) -> None:
             f"{DEFAULT_MODEL}, LoRA r=16 α=32 on all linear layers, packed Python docs, "
             f"batch 4 × 256 tokens, {args.steps} steps of AdamW, each variant in its own "
             f"process.\n\n{table}\n\n"
+            f"DoRA: rankwise's at {dora_ratio:.2f}× its LoRA's tokens/s and "
+            f"{dora_vs_peft:.2f}× PEFT's DoRA (targets ≥ 0.85× and ≥ 1.3×).\n\n"
             "Target: rankwise bf16-base ≥ 2× PEFT fp32 tokens/s, validation loss within 2% of "
-            "fp32. All three share the training loop's loss, whose output head runs in 128-row "
+            "fp32. All variants share the training loop's loss, whose output head runs in 128-row "
             "pieces (`HEAD_ROWS`). With a bf16 base, rankwise runs the LoRA products in bf16 from "
             "its fp32 factors (no activation is converted); gradients, factors and AdamW state "
             "stay fp32."
@@ -191,9 +201,11 @@ def main() -> None:
     if sys.argv[1:2] == ["worker"]:
         variant, steps = sys.argv[2], int(sys.argv[3])
         with __import__("tempfile").TemporaryDirectory() as out:
-            result = (
-                peft_worker(steps) if variant == "peft" else rankwise_worker(steps, variant, out)
-            )
+            dora = variant.endswith("dora")
+            if variant.startswith("peft"):
+                result = peft_worker(steps, dora)
+            else:
+                result = rankwise_worker(steps, "float32" if dora else variant, out, dora)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return

@@ -178,8 +178,12 @@ def test_bad_core_space_arguments_are_one_sentence(kwargs, message):
         merge_adapters([random_adapter(0), random_adapter(1)], **kwargs)
 
 
-def test_dora_adapters_are_refused():
+@pytest.mark.parametrize("variant", ["DoRA", "KaSA"])
+def test_dora_and_kasa_adapters_are_refused(variant):
     a, b = random_adapter(0), random_adapter(1)
-    b.magnitudes = {m: torch.ones(bb.shape[0]) for m, (_, bb) in b.factors.items()}
-    with pytest.raises(RankwiseError, match="adapter 'b' is a DoRA adapter"):
+    if variant == "DoRA":
+        b.magnitudes = {m: torch.ones(bb.shape[0]) for m, (_, bb) in b.factors.items()}
+    else:
+        b.diagonals = {m: torch.ones(bb.shape[1]) for m, (_, bb) in b.factors.items()}
+    with pytest.raises(RankwiseError, match=f"adapter 'b' is a {variant} adapter"):
         merge_adapters([a, b], names=["adapter 'a'", "adapter 'b'"])

@@ -92,9 +92,11 @@ def test_training_learns_and_writes_everything(model_dir, tmp_path):
         {},
         {"init": "pissa"},
         {"init": "corda_kpm", "calib_samples": 8, "seq_len": 16},
+        {"init": "eva", "calib_samples": 8, "seq_len": 16},
+        {"init": "kasa"},
         {"use_dora": True, "loraplus_lr_ratio": 4.0},
     ],
-    ids=["lora", "pissa", "corda", "dora+loraplus"],
+    ids=["lora", "pissa", "corda", "eva", "kasa", "dora+loraplus"],
 )
 def test_interrupted_run_resumes_to_the_same_adapter(model_dir, tmp_path, monkeypatch, variant):
     train(

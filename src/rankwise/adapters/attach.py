@@ -16,6 +16,7 @@ from torch import nn
 
 from rankwise.adapters.dora import DoRA
 from rankwise.adapters.inject import adaptable_modules, expert_layers, inject_experts, module_kinds
+from rankwise.adapters.kasa import PENALTIES, KaSA
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.adapters.peft_format import LoraWeights, read_adapter, write_adapter
 from rankwise.adapters.weight_init import converted_alpha
@@ -56,15 +57,16 @@ def stacked_specs(
 ) -> dict[str, list[ExpertSpec]]:
     """Experts 0..N-1 of every module some adapter touches, each adapter checked against the
     model; a module an adapter leaves out gets a rank-0 expert there, so expert e is adapter e
-    in every layer. A DoRA adapter only stands alone (its magnitudes rescale the whole layer).
+    in every layer. A DoRA or KaSA adapter only stands alone (it changes how the whole layer
+    meets W).
     """
     for name, weights in zip(names, adapters, strict=True):
         check_compatible(model, weights, f"adapter {name}")
-    if len(adapters) > 1 and any(w.magnitudes for w in adapters):
-        dora = next(n for n, w in zip(names, adapters, strict=True) if w.magnitudes)
+    if len(adapters) > 1 and any(w.variant for w in adapters):
+        name, kind = next((n, w.variant) for n, w in zip(names, adapters, strict=True) if w.variant)
         raise RankwiseError(
-            f"adapter {dora} is a DoRA adapter: DoRA adapters attach one at a time (their "
-            "magnitudes rescale the whole layer), never as experts beside other adapters"
+            f"adapter {name} is a {kind} adapter: {kind} adapters attach one at a time (they "
+            "change how the whole layer meets W), never as experts beside other adapters"
         )
     modules = list(dict.fromkeys(m for w in adapters for m in w.factors))
     return {
@@ -82,6 +84,8 @@ def attach_adapters(
     layers = inject_experts(model, specs)
     for module, magnitude in adapters[0].magnitudes.items() if adapters else ():
         layers[module].policy = DoRA(layers[module], magnitude)
+    for module, diagonal in adapters[0].diagonals.items() if adapters else ():
+        layers[module].policy = KaSA(layers[module], diagonal, *adapters[0].kasa)
     copy_factors(layers, adapters)
     return layers
 
@@ -89,7 +93,7 @@ def attach_adapters(
 @torch.no_grad()
 def copy_factors(layers: dict[str, LowRankExperts], adapters: Sequence[LoraWeights]) -> None:
     """Copy adapter e's factors into expert e of every layer the adapter has weights for
-    (and a DoRA adapter's magnitudes into its layers' DoRA policies).
+    (and a DoRA adapter's magnitudes or a KaSA adapter's diagonals into its layers' policies).
 
     A layer whose W holds a weight-aware init's residual takes the trained half of the rank-2r
     adapter ``weights_from_model`` wrote for it (checking the other half is its initial one).
@@ -103,6 +107,8 @@ def copy_factors(layers: dict[str, LowRankExperts], adapters: Sequence[LoraWeigh
                 target_b.copy_(b)
             if module in weights.magnitudes:
                 layer.adapter_params()["lora_magnitude_vector"].copy_(weights.magnitudes[module])
+            if module in weights.diagonals:
+                layer.adapter_params()["lora_diag"].copy_(weights.diagonals[module])
 
 
 def trained_half(
@@ -141,7 +147,7 @@ def weights_from_model(
     if not layers:
         raise RankwiseError("the model has no adapters to save")
     factors, alphas, rslora, dropouts, transposed = {}, {}, set(), set(), False
-    magnitudes = {}
+    magnitudes, diagonals, kasa = {}, {}, PENALTIES
     for name, layer in layers.items():
         spec = layer.experts[expert]
         if spec.rank == 0:
@@ -158,10 +164,21 @@ def weights_from_model(
         params = layer.adapter_params()
         if "lora_magnitude_vector" in params:
             magnitudes[name] = params["lora_magnitude_vector"].detach().clone()
+        if isinstance(layer.policy, KaSA):
+            diagonals[name] = layer.policy.diagonal.detach().clone()
+            kasa = (layer.policy.beta, layer.policy.gamma)
     if len(rslora) > 1:
         raise RankwiseError("PEFT's format needs one use_rslora setting for the whole adapter")
     return LoraWeights(
-        factors, alphas, rslora.pop(), max(dropouts), base_model, transposed, magnitudes
+        factors,
+        alphas,
+        rslora.pop(),
+        max(dropouts),
+        base_model,
+        transposed,
+        magnitudes,
+        diagonals,
+        kasa,
     )
 
 

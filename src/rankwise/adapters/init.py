@@ -53,14 +53,20 @@ INIT_SCHEMES: dict[str, InitScheme] = {
 }
 
 
+# Inits that also choose the layer's policy (``inject_adapter`` attaches it: KaSA truncates W
+# and trains a singular-value diagonal); their factors start as the scheme given here.
+POLICY_INITS: dict[str, InitScheme] = {"kasa": init_a}
+
+
 def init_names() -> list[str]:
-    """Every init a LoRA adapter may name: factor schemes, weight-aware, data-driven ones."""
-    return [*INIT_SCHEMES, *WEIGHT_INITS, "pissa_niter_N", *DATA_INITS]
+    """Every init a LoRA adapter may name: factor schemes, weight-aware, data-driven, policy."""
+    return [*INIT_SCHEMES, *WEIGHT_INITS, "pissa_niter_N", *DATA_INITS, *POLICY_INITS]
 
 
 def check_init(name: str) -> None:
     """Raise naming the choices unless ``name`` is an init scheme."""
-    if name not in INIT_SCHEMES and name not in DATA_INITS and weight_init(name) is None:
+    known = (*INIT_SCHEMES, *DATA_INITS, *POLICY_INITS)
+    if name not in known and weight_init(name) is None:
         raise RankwiseError(f"unknown init '{name}': choose one of {', '.join(init_names())}")
 
 
@@ -82,21 +88,24 @@ def init_experts(layer: LowRankExperts) -> None:
             start_from(layer, *from_weight(weight.to(layer.lora_A.dtype), spec.rank, spec.scaling))
             continue
         a, b = layer.expert_factors(e)
-        INIT_SCHEMES[expert.init](a, b)
+        {**INIT_SCHEMES, **POLICY_INITS}[expert.init](a, b)
 
 
 @torch.no_grad()
 def start_from(layer: LowRankExperts, a: torch.Tensor, b: torch.Tensor) -> None:
-    """A weight-aware start: factors (A0, B0) taken out of W, which keeps W - s B0 A0.
+    """A computed start: factors (A0, B0), taken out of W, which keeps W - s B0 A0.
 
     The factors are kept as ``initial_A``/``initial_B``, to save the adapter for the original
-    W and to give W back when the experts are removed.
+    W and to give W back when the experts are removed. A start with B0 = 0 (EVA) leaves W as
+    it is, so nothing is kept.
     """
     if layer.num_experts != 1:
         raise RankwiseError(f"'{layer.experts[0].init}' initialises a layer of one expert only")
     spec, weight = layer.experts[0], dense_weight(layer.base)  # weight: [out, in], in place
     layer.lora_A.copy_(a)
     layer.lora_B.copy_(b)
+    if not b.any():
+        return
     weight -= (spec.scaling * layer.lora_B @ layer.lora_A).to(weight.dtype)
     layer.initial_A = layer.lora_A.detach().clone()
     layer.initial_B = layer.lora_B.detach().clone()

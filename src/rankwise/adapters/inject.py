@@ -15,6 +15,7 @@ from torch import nn
 
 from rankwise.adapters.dora import DoRA
 from rankwise.adapters.init import check_init
+from rankwise.adapters.kasa import PENALTIES, KaSA
 from rankwise.adapters.layer import ExpertSpec, LinearWrapper, LowRankExperts
 from rankwise.adapters.lori import b_masks, freeze_random_a, mask_b
 from rankwise.architectures import is_linear
@@ -61,7 +62,14 @@ class LoraConfig(Options):
     init: str = option(
         "init_a",
         "how the factors start: init_a, init_b, gaussian (B A = 0); pissa, pissa_niter_N, olora "
-        "(taken from W, which keeps the residual)",
+        "(taken from W, which keeps the residual); corda_ipm, corda_kpm, eva (from --calib "
+        "data); kasa (W loses its r smallest singular triplets, a singular-value diagonal trains)",
+    )
+    kasa_beta: float = option(
+        PENALTIES[0], "kasa: weight of the singular values' L2 penalty", within="[0, inf)"
+    )
+    kasa_gamma: float = option(
+        PENALTIES[1], "kasa: weight of the factors' orthogonality penalty", within="[0, inf)"
     )
     lori_seed: int | None = option(
         None,
@@ -88,6 +96,8 @@ class LoraConfig(Options):
         check_init(self.init)
         if any(r < 1 for r in self.rank_pattern.values()):
             raise RankwiseError("LoRA ranks in rank_pattern must be positive integers")
+        if self.use_dora and self.init == "kasa":
+            raise RankwiseError("use_dora and init kasa do not combine: each rescales the update")
         if self.lori_seed is not None and (self.init != "init_a" or self.use_dora):
             raise RankwiseError("LoRI (lori_seed) draws A itself: use it with init_a and no DoRA")
         if self.lori_b_mask and self.lori_seed is None:
@@ -212,9 +222,11 @@ def inject_adapter(
     """
     names = select_targets(model, config.target_modules)
     layers = inject_experts(model, {name: [config.expert_for(name)] for name in names}, initial)
-    if config.use_dora:
-        for layer in layers.values():
+    for layer in layers.values():
+        if config.use_dora:
             layer.policy = DoRA(layer)
+        elif config.init == "kasa":
+            layer.policy = KaSA(layer, beta=config.kasa_beta, gamma=config.kasa_gamma)
     if config.lori_seed is not None:
         freeze_random_a(layers, config.lori_seed, config.lori_a_density)
     if config.lori_b_mask:
@@ -238,6 +250,7 @@ def remove_experts(model: nn.Module) -> dict[str, LowRankExperts]:
         layer.policy.release()
         if layer.merged:
             layer.unmerge()
+        layer.policy.restore(layer)
         layer.restore_base()
     swap_modules(model, {name: layer.base for name, layer in removed.items()})
     return removed

@@ -280,6 +280,13 @@ class Policy(nn.Module):
         """Parameters the policy adds to the layer's adapter (none by default)."""
         return {}
 
+    def regularisation(self, layer: LowRankExperts) -> torch.Tensor | None:
+        """A loss term the method trains with (KaSA's), or None."""
+        return None
+
+    def restore(self, layer: LowRankExperts) -> None:
+        """Undo what the policy changed in the layer's base weight (nothing by default)."""
+
     def merge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
         """Fold the experts into ``weight`` ([out, in], in place); only fixed combinations can."""
         raise RankwiseError(
@@ -293,13 +300,9 @@ class Policy(nn.Module):
 
 
 class WeightedSum(Policy):
-    """The default policy: y + sum_e g_e s_e B_e A_e x with gates applied in rank space.
-
-    The second product is added to the base output in one ``addmm``, which saves a pass over
-    the output. With a bf16 base both products run in bf16 from the fp32 factors, so no
-    activation is converted, while gradients, factors and optimizer state stay fp32. Measured
-    by ``bench/finetune.py speed`` and ``bench/lora_forward.py``.
-    """
+    """The default policy: y + sum_e g_e s_e B_e A_e x with gates applied in rank space; the
+    second product joins the base output in one ``addmm`` and a bf16 base runs both in bf16
+    (``bench/finetune.py speed``, ``bench/lora_forward.py``)."""
 
     def forward(
         self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from rankwise.adapters.inject import (
     pattern_key,
 )
+from rankwise.adapters.kasa import PENALTIES
 from rankwise.adapters.layer import ExpertSpec
 from rankwise.atomic import atomic_file
 from rankwise.errors import RankwiseError
@@ -30,9 +31,14 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
 KEY = re.compile(
-    rf"^{re.escape(PREFIX)}(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"
+    rf"^{re.escape(PREFIX)}(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector|lora_diag)$"
 )
-PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude"}
+PARTS = {
+    "lora_A.weight": "A",
+    "lora_B.weight": "B",
+    "lora_magnitude_vector": "magnitude",
+    "lora_diag": "diagonal",
+}
 # PEFT options that change the computation in ways plain LoRA does not model.
 UNSUPPORTED = {
     "lora_bias": False,
@@ -56,6 +62,15 @@ class LoraWeights:
     fan_in_fan_out: bool = False
     # DoRA's trained magnitude per output row, module -> [out] (empty: a plain LoRA adapter)
     magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
+    # KaSA's trained singular values, module -> [r], and its penalties' weights (beta, gamma);
+    # the base it fits is W without its r smallest singular triplets (``adapters/kasa.py``)
+    diagonals: dict[str, torch.Tensor] = field(default_factory=dict)
+    kasa: tuple[float, float] = PENALTIES
+
+    @property
+    def variant(self) -> str | None:
+        """The LoRA variant that changes how the update meets W ("DoRA", "KaSA"), or None."""
+        return "DoRA" if self.magnitudes else "KaSA" if self.diagonals else None
 
     def rank(self, module: str) -> int:
         return self.factors[module][0].shape[0]
@@ -70,6 +85,8 @@ class LoraWeights:
     def delta(self, module: str) -> torch.Tensor:
         """The dense update s B A of one module, [out, in]."""
         a, b = self.factors[module]
+        if module in self.diagonals:
+            b = b * self.diagonals[module]
         return self.scaling(module) * (b @ a)
 
 
@@ -126,7 +143,8 @@ def weights_from_tensors(
             raise RankwiseError(f"'{source}' holds tensor '{key}', which is not a LoRA A/B weight")
         pairs.setdefault(match[1], {})[PARTS[match[2]]] = tensor
     dora = bool(config.get("use_dora", False))
-    factors, magnitudes = {}, {}
+    kasa = config.get("kasa_config")
+    factors, magnitudes, diagonals = {}, {}, {}
     for module, pair in pairs.items():
         missing = {"A", "B"} - set(pair)
         if missing:
@@ -138,6 +156,13 @@ def weights_from_tensors(
             )
         if dora:
             magnitudes[module] = pair["magnitude"]
+        if ("diagonal" in pair) != bool(kasa):
+            raise RankwiseError(
+                f"'{source}': {module} {'has' if 'diagonal' in pair else 'lacks'} a KaSA "
+                f"lora_diag, but the config {'sets' if kasa else 'has no'} kasa_config"
+            )
+        if kasa:
+            diagonals[module] = pair["diagonal"]
         a, b = pair["A"], pair["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise RankwiseError(
@@ -160,6 +185,8 @@ def weights_from_tensors(
         base_model=config.get("base_model_name_or_path"),
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         magnitudes=magnitudes,
+        diagonals=diagonals,
+        kasa=(float(kasa["beta"]), float(kasa["gamma"])) if kasa else PENALTIES,
     )
 
 
@@ -173,6 +200,8 @@ def write_adapter(weights: LoraWeights, path: str | os.PathLike) -> Path:
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b.detach().contiguous().cpu()
     for module, magnitude in weights.magnitudes.items():
         tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = magnitude.detach().contiguous().cpu()
+    for module, diagonal in weights.diagonals.items():
+        tensors[f"{PREFIX}{module}.lora_diag"] = diagonal.detach().contiguous().cpu()
     atomic_file(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
     text = json.dumps(peft_config(weights), indent=2, sort_keys=True)
     atomic_file(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text))
@@ -200,6 +229,9 @@ def peft_config(weights: LoraWeights) -> dict:
         "target_modules": modules,
         "use_rslora": weights.use_rslora,
         "use_dora": bool(weights.magnitudes),
+        "kasa_config": (
+            {"beta": weights.kasa[0], "gamma": weights.kasa[1]} if weights.diagonals else None
+        ),
         "lora_dropout": weights.dropout,
         "bias": "none",
         "fan_in_fan_out": weights.fan_in_fan_out,

@@ -84,8 +84,9 @@ def corda(
     return (v[:, keep] * root).T.contiguous(), (u[:, keep] * root).contiguous()
 
 
-# Inits whose factors need calibration data; mode name -> whether it keeps the largest.
-DATA_INITS = {"corda_ipm": True, "corda_kpm": False}
+# Inits whose factors need calibration data (``rankwise.train.calibrated`` computes them):
+# CorDA's two modes here, EVA in ``adapters/eva.py``.
+DATA_INITS = ("corda_ipm", "corda_kpm", "eva")
 
 
 # The one place a weight-aware init is registered (``pissa_niter_N`` is parsed from the name).

@@ -116,8 +116,10 @@ def collect_statistics(
     needs: Mapping[str, set[str]],
     *,
     batch_size: int = 4,
+    progress: bool = True,
 ) -> Statistics:
-    """Run ``model`` over ``input_ids`` (samples, seq_len) and return the requested statistics."""
+    """Run ``model`` over ``input_ids`` (samples, seq_len) and return the requested statistics
+    (with a progress bar unless a caller shows its own)."""
     unknown = {kind for kinds in needs.values() for kind in kinds} - set(KINDS)
     if unknown:
         raise ValueError(f"unknown statistic kinds {sorted(unknown)}")
@@ -147,7 +149,8 @@ def collect_statistics(
     ]
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(input_ids.split(batch_size), desc="calibrate", unit="batch"):
+        batches = input_ids.split(batch_size)
+        for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
             model(input_ids=batch.to(device), use_cache=False)
     finally:
         for handle in handles:

@@ -143,12 +143,15 @@ def check_density(merger: MergeMethod, method: str, density: float | None) -> No
 
 
 def check_plain_lora(adapters: Sequence[LoraWeights], labels: Sequence[str]) -> None:
-    """DoRA adapters are refused: their magnitude renormalises W + ΔW, so updates do not add."""
+    """DoRA and KaSA adapters are refused: each changes how its update meets W (DoRA rescales
+    W + ΔW per row, KaSA's base drops W's smallest singular triplets), so their updates do not
+    add to one plain LoRA update."""
     for label, weights in zip(labels, adapters, strict=True):
-        if weights.magnitudes:
+        if weights.variant:
             raise RankwiseError(
-                f"{label} is a DoRA adapter: merging cannot keep its magnitude vector exact "
-                "(it rescales W + ΔW per row); merge plain LoRA adapters"
+                f"{label} is a {weights.variant} adapter: merging keeps only plain LoRA updates "
+                f"exact ({weights.variant} changes how its update meets W); merge plain LoRA "
+                "adapters"
             )
 
 

@@ -146,12 +146,12 @@ class XLoRA(Router):
     @classmethod
     def layer_specs(cls, model: nn.Module, config: XLoRAOptions) -> dict[str, list[ExpertSpec]]:
         weights = [read_adapter(path) for path in config.adapters]
-        dora = [path for path, w in zip(config.adapters, weights, strict=True) if w.magnitudes]
-        if dora:
-            raise RankwiseError(
-                f"xlora mixes plain LoRA adapters; '{dora[0]}' is a DoRA adapter (its magnitudes "
-                "rescale the whole layer, which a per-token mix of experts cannot keep)"
-            )
+        for path, w in zip(config.adapters, weights, strict=True):
+            if w.variant:
+                raise RankwiseError(
+                    f"xlora mixes plain LoRA adapters; '{path}' is a {w.variant} adapter (it "
+                    "changes how the whole layer meets W, which a per-token mix cannot keep)"
+                )
         return stacked_specs(model, weights, [f"'{path}'" for path in config.adapters])
 
     @classmethod

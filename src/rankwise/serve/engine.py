@@ -111,10 +111,10 @@ class Engine:
 
     def register(self, name: str, weights: LoraWeights) -> HostAdapter:
         """Validate an adapter against the base model and make it servable as ``name``."""
-        if weights.magnitudes:
+        if weights.variant:
             raise RankwiseError(
-                f"adapter '{name}' is a DoRA adapter, which this server does not batch (its "
-                "magnitudes rescale the base weight per adapter); serve it merged into its own "
+                f"adapter '{name}' is a {weights.variant} adapter, which this server does not "
+                "batch (it changes the base weight per adapter); serve it merged into its own "
                 "copy of the base model"
             )
         too_big = {m: weights.rank(m) for m in weights.factors if weights.rank(m) > self.pool.rank}

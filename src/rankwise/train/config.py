@@ -90,11 +90,18 @@ class TrainConfig(LoraConfig, RunConfig):
 
     calib: str | None = option(
         None,
-        "calibration data of data-driven inits (corda_ipm: the task's; corda_kpm: what to "
-        "keep): a data spec or path (unset: the training data)",
+        "calibration data of data-driven inits (eva, corda_ipm: the task's; corda_kpm: what "
+        "to keep): a data spec or path (unset: the training data)",
     )
     calib_samples: int = option(
         32, "calibration blocks of seq_len tokens for data-driven inits", within="[1, inf)"
+    )
+    eva_rho: float = option(
+        2.0, "eva: a layer may take up to round(r * rho) of the rank budget", within="[1, inf)"
+    )
+    eva_tau: float = option(
+        0.99, "eva: stop reading calibration data once components move less (|cos| >= tau)",
+        within="[0, 1]",
     )
 
     def lora(self) -> LoraConfig:

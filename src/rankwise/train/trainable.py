@@ -16,7 +16,7 @@ from rankwise.adapters.lori import write_lori_record
 from rankwise.adapters.weight_init import DATA_INITS
 from rankwise.errors import RankwiseError
 from rankwise.models import LoadedModel, model_device
-from rankwise.train.calibrated import calibrated_factors
+from rankwise.train.calibrated import calibrated_start
 from rankwise.train.config import TrainConfig
 from rankwise.train.distributed import World
 
@@ -54,9 +54,11 @@ class LoraAdapter:
 
     def __init__(self, loaded: LoadedModel, config: TrainConfig):
         self.model = loaded.model
-        initial = calibrated_factors(loaded, config) if config.init in DATA_INITS else None
-        self.config = config.lora()
-        self.layers = inject_adapter(self.model, self.config, initial)
+        lora, initial = config.lora(), None
+        if config.init in DATA_INITS:
+            lora, initial = calibrated_start(loaded, config)
+        self.config = lora
+        self.layers = inject_adapter(self.model, lora, initial)
         self.device = model_device(self.model)
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -67,7 +69,9 @@ class LoraAdapter:
         return [layer.lora_B for layer in self.layers.values()]
 
     def aux_loss(self) -> torch.Tensor:
-        return torch.zeros((), device=self.device)
+        terms = [layer.policy.regularisation(layer) for layer in self.layers.values()]
+        terms = [term for term in terms if term is not None]  # KaSA's, say
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=self.device)
 
     def after_step(self, world: World) -> None:
         return None
