@@ -11,7 +11,7 @@ from test_merge_cli import rankwise_merge
 
 from rankwise.adapters import read_adapter, write_adapter
 from rankwise.errors import RankwiseError
-from rankwise.merge import merge_adapters
+from rankwise.merge import METHODS, merge_adapters
 from rankwise.merge.calibration import task_grams
 from rankwise.models import load_model
 
@@ -121,3 +121,19 @@ def test_regmean_plus_matches_regmean_on_the_first_block_and_refits_later_ones(
     for module in plain.factors:
         close = torch.allclose(plain.delta(module), plus.delta(module), atol=1e-6)
         assert close == (".layers.0." in module), module  # block 1 sees block 0 merged
+
+
+def test_help_lists_every_method_and_each_methods_settings(capsys):
+    with pytest.raises(SystemExit):
+        rankwise_merge(["--help"])
+    out = capsys.readouterr().out
+    assert "{" + ",".join(METHODS) + "}" in out.replace("\n", "").replace(" ", "")
+    for flag in (
+        "--common-fraction",
+        "--alpha",
+        "--regmean-plus",
+        "--calib",
+        "--report",
+        "--learn",
+    ):
+        assert flag in out
