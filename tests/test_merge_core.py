@@ -111,7 +111,7 @@ def test_iso_cts_is_flat_and_with_the_whole_common_space_is_iso_c():
         assert torch.allclose(full.delta(module), iso.delta(module), atol=1e-5), module
 
 
-def test_knots_alignment_is_lossless_and_at_full_density_ties_of_disjoint_tasks_is_the_sum():
+def test_knots_alignment_is_lossless_and_one_task_at_full_density_comes_back():
     adapters = [random_adapter(15), random_adapter(16, rank=2)]
     space = core_space(contributions(adapters, [1.0, 1.0])[Q])
     u, blocks = aligned(space.cores)
