@@ -42,8 +42,29 @@ def delta(weights: LoraWeights, module: str) -> torch.Tensor:
     return weights.delta(module) if module in weights.factors else 0.0
 
 
+def flat_adapter(seed: int, rank: int = 4) -> LoraWeights:
+    """A random adapter whose every update has a flat spectrum (orthonormal factors, scaled)."""
+    weights = random_adapter(seed, rank)
+    for module, (a, b) in weights.factors.items():
+        weights.factors[module] = (torch.linalg.qr(a.T)[0].T, 0.3 * torch.linalg.qr(b)[0])
+    return weights
+
+
+def identity_grams(adapter: LoraWeights) -> list[dict[str, torch.Tensor]]:
+    """Random positive-definite input Gram matrices for each module of one adapter."""
+    gen = torch.Generator().manual_seed(0)
+    grams = {}
+    for module, (a, _) in adapter.factors.items():
+        x = torch.randn(3 * a.shape[1], a.shape[1], generator=gen)
+        grams[module] = x.T @ x / x.shape[0]
+    return [grams]
+
+
 IDENTITY = {"linear": {}, "ties": {"density": 1.0}, "dare_linear": {"density": 1.0},
-            "dare_ties": {"density": 1.0}, "lego": {}}  # fmt: skip
+            "dare_ties": {"density": 1.0}, "lego": {}, "tsv": {}, "iso_c": {}, "iso_cts": {},
+            "knots_ties": {"density": 1.0}, "knots_dare_ties": {"density": 1.0},
+            "regmean": {"grams": identity_grams}}  # fmt: skip
+FLATTENING = {"iso_c", "iso_cts"}  # they flatten the spectrum: the identity of a flat adapter
 
 
 def test_every_registered_method_has_an_identity_case():
@@ -52,8 +73,9 @@ def test_every_registered_method_has_an_identity_case():
 
 @pytest.mark.parametrize("method", IDENTITY)
 def test_merging_one_adapter_with_weight_one_returns_it(method, tokens):
-    adapter = random_adapter(0)
-    merged, report = merge_adapters([adapter], method=method, weights=[1.0], **IDENTITY[method])
+    adapter = flat_adapter(0) if method in FLATTENING else random_adapter(0)
+    kwargs = {k: v(adapter) if callable(v) else v for k, v in IDENTITY[method].items()}
+    merged, report = merge_adapters([adapter], method=method, weights=[1.0], **kwargs)
     assert (logits([merged], tokens) - logits([adapter], tokens)).abs().max() < 1e-5
     assert report.discarded < 1e-6  # zero up to float32 rounding
 

@@ -18,6 +18,7 @@ from rankwise.adapters.dora import DoRA
 from rankwise.adapters.init import POLICY_INITS, check_init
 from rankwise.adapters.kasa import PENALTIES, KaSA
 from rankwise.adapters.layer import ExpertSpec, LinearWrapper, LowRankExperts
+from rankwise.adapters.lori import b_masks, freeze_random_a, mask_b
 from rankwise.architectures import is_linear
 from rankwise.errors import RankwiseError
 from rankwise.options import Options, flagless, option
@@ -74,6 +75,23 @@ class LoraConfig(Options):
     )
     nola_bases: int = option(64, "nola: random bases per factor (k)", within="[1, inf)")
     nola_seed: int = option(0, "nola: seed of the random bases (layer i draws from seed + i)")
+    lori_seed: int | None = option(
+        None,
+        "LoRI (arXiv 2504.07448): A is a frozen random projection drawn from this seed (give each "
+        "task its own) and only B trains, so adapters of different tasks merge with little "
+        "interference",
+    )
+    lori_a_density: float = option(
+        1.0, "LoRI: fraction of the frozen A's entries kept (a sparse projection)", within="(0, 1]"
+    )
+    lori_b_mask: str | None = option(
+        None,
+        "LoRI-S: a dense LoRI run's adapter folder (same seed); only its largest |B| entries "
+        "(lori_b_density of them) train here, the rest of B stays zero",
+    )
+    lori_b_density: float = option(
+        0.1, "LoRI-S: fraction of B's entries trained (the paper's 90% sparsity)", within="(0, 1]"
+    )
     rank_pattern: dict[str, int] = flagless({}, "module-name pattern -> rank (YAML only)")
     alpha_pattern: dict[str, float] = flagless({}, "module-name pattern -> alpha (YAML only)")
 
@@ -84,6 +102,10 @@ class LoraConfig(Options):
             raise RankwiseError("LoRA ranks in rank_pattern must be positive integers")
         if self.use_dora and self.init in POLICY_INITS:
             raise RankwiseError(f"use_dora and init {self.init} do not combine: each is a policy")
+        if self.lori_seed is not None and (self.init != "init_a" or self.use_dora):
+            raise RankwiseError("LoRI (lori_seed) draws A itself: use it with init_a and no DoRA")
+        if self.lori_b_mask and self.lori_seed is None:
+            raise RankwiseError("LoRI-S (lori_b_mask) needs the dense run's lori_seed")
 
     def expert_for(self, module_name: str) -> ExpertSpec:
         """The expert spec for one module, with rank and alpha patterns applied."""
@@ -213,6 +235,10 @@ def inject_adapter(
             layer.policy = LoLDU(layer)
         elif config.init == "nola":
             layer.policy = NOLA(layer, config.nola_bases, config.nola_seed + index)
+    if config.lori_seed is not None:
+        freeze_random_a(layers, config.lori_seed, config.lori_a_density)
+    if config.lori_b_mask:
+        mask_b(layers, b_masks(config.lori_b_mask, config.lori_b_density))
     return layers
 
 

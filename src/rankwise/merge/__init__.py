@@ -1,16 +1,14 @@
-"""Training-free LoRA merging (linear, TIES, DARE, LoRA-LEGO): adapters in, one adapter out.
+"""LoRA merging: adapters in, one adapter out (linear, TIES, DARE, LoRA-LEGO, and in core space
+TSV-M, Iso-C/CTS, KnOTS and RegMean).
 
-Each method is one module registered by name in ``METHODS``; ``merge_adapters`` runs any of them.
+Each method is one module; ``METHODS`` in ``registry.py`` names them all; ``merge_adapters`` runs
+any of them.
 """
 
-# Importing a method registers it; this order is the order users see (CLI choices, errors).
-# isort: off
-from rankwise.merge import linear, ties, dare, lego  # noqa: F401
-
-# isort: on
 from rankwise.merge.api import MergeReport, MergeResult, merge_adapters
-from rankwise.merge.base import METHODS, Contribution, MergeMethod, MergeOptions, ModuleMerge
+from rankwise.merge.base import Contribution, MergeMethod, MergeOptions, ModuleMerge
 from rankwise.merge.config import MergeConfig, run_merge
+from rankwise.merge.registry import METHODS
 
 __all__ = [
     "METHODS",

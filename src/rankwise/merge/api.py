@@ -7,15 +7,18 @@ recorded and equal weight shapes for every module they share.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from rankwise.adapters import LoraWeights
 from rankwise.errors import RankwiseError
-from rankwise.merge.base import METHODS, Contribution, MergeMethod, MergeOptions, ModuleMerge
+from rankwise.merge.base import Contribution, MergeMethod, MergeOptions, ModuleMerge
+from rankwise.merge.registry import METHODS
+
+Grams = Mapping[str, torch.Tensor]  # module -> E[x xᵀ] of its inputs on one adapter's task
 
 
 @dataclass
@@ -62,25 +65,32 @@ def merge_adapters(
     rank: int | None = None,
     seed: int = 0,
     names: Sequence[str] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    grams: Sequence[Grams] | None = None,
 ) -> MergeResult:
     """Merge adapters by ``method`` into one adapter of rank ``rank`` (default: their largest).
 
     ``weights`` (default all 1) multiply each adapter's update; ``density`` is the fraction of
-    entries ties and dare_* keep; ``seed`` seeds DARE and LoRA-LEGO; ``names`` label the adapters
-    in error messages. The merged adapter has lora_alpha equal to its rank (scaling 1).
+    entries ties, dare_* and knots_* keep; ``seed`` seeds DARE and LoRA-LEGO; ``names`` label the
+    adapters in error messages; ``settings`` are the method's own (``METHODS[m].settings``);
+    ``grams`` give, per adapter, its task's input Gram matrix of each module (RegMean). The
+    merged adapter has lora_alpha equal to its rank (scaling 1).
     """
     labels = list(names) if names else [f"adapter {i}" for i in range(len(adapters))]
     merger = method_named(method)
+    own = merger.settings.from_mapping(settings or {}, f"the settings of {method}")
     coefs = check_weights(adapters, weights)
     check_density(merger, method, density)
+    check_plain_lora(adapters, labels)
+    check_grams(merger, method, adapters, grams)
     base_model = check_same_base(adapters, labels)
-    parts = contributions(adapters, coefs)
+    parts = contributions(adapters, coefs, grams)
     capacity = {module: merger.capacity(p) for module, p in parts.items()}
     rank = check_rank(rank, adapters, capacity, merger, method)
     dtype = common_dtype(adapters)
     first = next(iter(parts.values()))[0].a
     gen = torch.Generator(device=first.device).manual_seed(seed)
-    options = MergeOptions(density=density)
+    options = MergeOptions(density=density, settings=own)
     merged: dict[str, ModuleMerge] = {
         module: merger.merge(p, min(rank, capacity[module]), options, gen)
         for module, p in parts.items()
@@ -132,6 +142,36 @@ def check_density(merger: MergeMethod, method: str, density: float | None) -> No
         raise RankwiseError(f"density must be in (0, 1], got {density}")
 
 
+def check_plain_lora(adapters: Sequence[LoraWeights], labels: Sequence[str]) -> None:
+    """DoRA and KaSA adapters are refused: each changes how its update meets W (DoRA rescales
+    W + ΔW per row, KaSA's base drops W's smallest singular triplets), so their updates do not
+    add to one plain LoRA update."""
+    for label, weights in zip(labels, adapters, strict=True):
+        if weights.variant:
+            raise RankwiseError(
+                f"{label} is a {weights.variant} adapter: merging keeps only plain LoRA updates "
+                f"exact ({weights.variant} changes how its update meets W); merge plain LoRA "
+                "adapters"
+            )
+
+
+def check_grams(
+    merger: MergeMethod, method: str, adapters: Sequence[LoraWeights], grams: Sequence | None
+) -> None:
+    """Calibration statistics: one set per adapter, for the methods that read them."""
+    if grams is None:
+        if merger.needs_calibration:
+            raise RankwiseError(
+                f"{method} needs calibration data: give one --calib source per adapter"
+            )
+        return
+    if len(grams) != len(adapters):
+        raise RankwiseError(
+            f"got {len(grams)} calibration sources for {len(adapters)} adapters: give one per "
+            "adapter, in the same order"
+        )
+
+
 def check_same_base(adapters: Sequence[LoraWeights], labels: Sequence[str]) -> str | None:
     """The shared base model name; different names or module shapes are an error."""
     named = {labels[i]: w.base_model for i, w in enumerate(adapters) if w.base_model}
@@ -152,15 +192,20 @@ def check_same_base(adapters: Sequence[LoraWeights], labels: Sequence[str]) -> s
 
 
 def contributions(
-    adapters: Sequence[LoraWeights], coefs: Sequence[float]
+    adapters: Sequence[LoraWeights], coefs: Sequence[float], grams: Sequence[Grams] | None = None
 ) -> dict[str, list[Contribution]]:
     """Each module's contributions (weight times scaling folded in), in first-seen module order."""
     wide = any(a.dtype == torch.float64 for a, _ in all_factors(adapters))
     dtype = torch.float64 if wide else torch.float32  # the SVDs and k-means run in full precision
     parts: dict[str, list[Contribution]] = {}
-    for weights, coef in zip(adapters, coefs, strict=True):
+    for i, (weights, coef) in enumerate(zip(adapters, coefs, strict=True)):
         for module, (a, b) in weights.factors.items():
-            part = Contribution(a.to(dtype), b.to(dtype), coef * weights.scaling(module))
+            gram = None
+            if grams is not None:
+                if module not in grams[i]:
+                    raise RankwiseError(f"adapter {i} has no calibration statistics for {module}")
+                gram = grams[i][module].to(device=a.device, dtype=dtype)  # (in, in)
+            part = Contribution(a.to(dtype), b.to(dtype), coef * weights.scaling(module), gram)
             parts.setdefault(module, []).append(part)
     return parts
 

@@ -1,4 +1,4 @@
-"""What every merge method shares: one module's inputs, its output, the registry and the SVDs.
+"""What every merge method shares: one module's inputs, its output, its settings and the SVDs.
 
 A method merges one target module at a time. Its inputs are the adapters that adapt that module
 (an adapter without it contributes zero and is left out), each as factors and a coefficient
@@ -9,19 +9,26 @@ adapter is written with lora_alpha = k, so PEFT's scaling alpha / r is 1 and s B
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+
+from rankwise.options import Options
 
 
 @dataclass(frozen=True)
 class Contribution:
-    """One adapter's part in one module: factors A [r, in], B [out, r] and coefficient c = w s."""
+    """One adapter's part in one module: factors A [r, in], B [out, r] and coefficient c = w s.
+
+    ``gram`` is E[x xᵀ] [in, in] of the module's inputs on this adapter's task, for the methods
+    that read calibration data (RegMean); None where the merge has none.
+    """
 
     a: torch.Tensor
     b: torch.Tensor
     coef: float
+    gram: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -32,11 +39,17 @@ class Contribution:
         return self.coef * (self.b @ self.a)
 
 
+@dataclass
+class NoSettings(Options):
+    """A method without settings of its own."""
+
+
 @dataclass(frozen=True)
 class MergeOptions:
     """Settings a method may read beyond the rank (randomness comes as a seeded generator)."""
 
-    density: float | None = None  # fraction of each task's entries kept (ties, dare_*)
+    density: float | None = None  # fraction of each task's entries kept (ties, dare_*, knots_*)
+    settings: Options = field(default_factory=NoSettings)  # an instance of the method's settings
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,12 @@ class MergeMethod:
     # what bounds the rank this method can produce, for error messages
     capacity_note = ""
     uses_density = False  # whether the method reads MergeOptions.density
+    needs_calibration = False  # whether every Contribution must carry its task's input Gram
+    settings: type[Options] = NoSettings  # the method's own settings (flat flags and YAML keys)
+
+    def layer_by_layer(self, settings: Options) -> bool:
+        """Whether the calibration statistics are measured block by block through the merge."""
+        return False
 
     def capacity(self, parts: Sequence[Contribution]) -> int:
         """The largest rank this method can produce for a module with these contributions."""
@@ -65,19 +84,6 @@ class MergeMethod:
     ) -> ModuleMerge:
         """Merge the contributions into one rank-``rank`` pair."""
         raise NotImplementedError(f"{type(self).__name__} does not define merge")
-
-
-METHODS: dict[str, MergeMethod] = {}
-
-
-def register(name: str) -> Callable[[type[MergeMethod]], type[MergeMethod]]:
-    """Register a ``MergeMethod`` subclass under ``name`` (one instance, it holds no state)."""
-
-    def add(cls: type[MergeMethod]) -> type[MergeMethod]:
-        METHODS[name] = cls()
-        return cls
-
-    return add
 
 
 def split_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> ModuleMerge:

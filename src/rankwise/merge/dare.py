@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rankwise.merge.base import DenseMerge, MergeOptions, register
+from rankwise.merge.base import DenseMerge, MergeOptions
 from rankwise.merge.ties import disjoint_mean
 
 DEFAULT_DENSITY = 0.5  # keep half; the paper drops up to 90% of full fine-tuning deltas
@@ -31,7 +31,6 @@ def dropped(deltas: torch.Tensor, options: MergeOptions, gen: torch.Generator) -
     return drop_and_rescale(deltas, density, gen)
 
 
-@register("dare_linear")
 class DareLinearMerge(DenseMerge):
     """DARE, then the sum of the tasks."""
 
@@ -41,7 +40,6 @@ class DareLinearMerge(DenseMerge):
         return dropped(deltas, options, gen).sum(dim=0)
 
 
-@register("dare_ties")
 class DareTiesMerge(DenseMerge):
     """DARE, then TIES's sign election and disjoint mean."""
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rankwise.merge.base import Contribution, MergeMethod, MergeOptions, ModuleMerge, register
+from rankwise.merge.base import Contribution, MergeMethod, MergeOptions, ModuleMerge
 
 MAX_ITERATIONS = 100
 
@@ -108,7 +108,6 @@ def restore_norms(
     return centroids * factor[:, None]
 
 
-@register("lego")
 class LegoMerge(MergeMethod):
     """Cluster the pooled rank-one units into k centroids, then the dual reweighting."""
 

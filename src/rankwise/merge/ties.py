@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from rankwise.merge.base import DenseMerge, MergeOptions, register
+from rankwise.merge.base import DenseMerge, MergeOptions
 
 DEFAULT_DENSITY = 0.2  # the paper's default: keep the top 20% of each task vector
 
@@ -37,7 +37,6 @@ def disjoint_mean(deltas: torch.Tensor) -> torch.Tensor:
     return (deltas * agree).sum(dim=0) / count
 
 
-@register("ties")
 class TiesMerge(DenseMerge):
     """Trim to the top ``density`` by magnitude, elect signs, disjoint mean; then rank-k SVD."""
 

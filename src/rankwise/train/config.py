@@ -100,7 +100,8 @@ class TrainConfig(LoraConfig, RunConfig):
         2.0, "eva: a layer may take up to round(r * rho) of the rank budget", within="[1, inf)"
     )
     eva_tau: float = option(
-        0.99, "eva: stop reading calibration data once components move less (|cos| >= tau)",
+        0.99,
+        "eva: stop reading calibration data once components move less (|cos| >= tau)",
         within="[0, 1]",
     )
 

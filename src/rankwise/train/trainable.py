@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rankwise.adapters import copy_factors, inject_adapter, read_adapter, save_adapter
+from rankwise.adapters.lori import write_lori_record
 from rankwise.adapters.weight_init import DATA_INITS
 from rankwise.atomic import atomic_file
 from rankwise.errors import RankwiseError
@@ -62,12 +63,13 @@ class LoraAdapter:
         lora, initial = config.lora(), None
         if config.init in DATA_INITS:
             lora, initial = calibrated_start(loaded, config)
+        self.config = lora
         self.layers = inject_adapter(self.model, lora, initial)
         self.device = model_device(self.model)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         params = [p for layer in self.layers.values() for p in layer.adapter_params().values()]
-        return [p for p in params if p.requires_grad]  # LoLDU's and NOLA's factors are frozen
+        return [p for p in params if p.requires_grad]  # LoRI's, LoLDU's, NOLA's frozen
 
     def up_factors(self) -> list[torch.nn.Parameter]:
         return [layer.lora_B for layer in self.layers.values() if layer.lora_B.requires_grad]
@@ -89,6 +91,10 @@ class LoraAdapter:
         }
         if state:
             atomic_file(folder / POLICY_STATE, lambda tmp: save_file(state, tmp))
+        if self.config.lori_seed is not None:
+            lori = self.config
+            b_density = lori.lori_b_density if lori.lori_b_mask else None
+            write_lori_record(folder, lori.lori_seed, lori.lori_a_density, b_density)
 
     @torch.no_grad()
     def load(self, folder: Path) -> None:
