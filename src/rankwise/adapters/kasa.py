@@ -52,7 +52,9 @@ class KaSA(Policy):
         start = torch.randn(rank, device=layer.lora_A.device) if diagonal is None else diagonal
         self.diagonal = nn.Parameter(start.detach().to(layer.lora_A).clone())
         self.beta, self.gamma = beta, gamma
+        kept = dense_weight(layer.base).float().norm()
         self.dropped = truncate(layer.base, rank)  # (U_d S_d [out, r], V_d^T [r, in]) in fp32
+        self.dropped_share = float(self.dropped[0].norm() / kept)  # of W's Frobenius norm
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_diag": self.diagonal}  # PEFT's name
