@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -68,13 +68,19 @@ def task_grams(
     grams = []
     for weights, source in zip(adapters, sources, strict=True):
         rows = prompt_rows(loaded.tokenizer, source, samples, seq_len)
-        attach_adapters(loaded.model, [weights])
-        try:
-            needs = {module: {GRAM} for module in weights.factors}
-            grams.append(collect_statistics(loaded.model, rows, needs).gram)
-        finally:
-            remove_experts(loaded.model)
+        grams.append(input_grams(loaded, weights, weights.factors, rows))
     return grams
+
+
+def input_grams(
+    loaded: LoadedModel, attached: LoraWeights, modules: Iterable[str], rows: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """E[x x^T] of each module's input over ``rows``, with ``attached`` on the model."""
+    attach_adapters(loaded.model, [attached])
+    try:
+        return collect_statistics(loaded.model, rows, {m: {GRAM} for m in modules}).gram
+    finally:
+        remove_experts(loaded.model)
 
 
 def block_of(module: str) -> float:
@@ -124,12 +130,7 @@ def merge_layer_by_layer(
                 grams.append({})
                 continue
             probe = LoraWeights({**done.factors, **own.factors}, {**done.alphas, **own.alphas})
-            attach_adapters(loaded.model, [probe])
-            try:
-                needs = {m: {GRAM} for m in own.factors}
-                grams.append(collect_statistics(loaded.model, task_rows, needs).gram)
-            finally:
-                remove_experts(loaded.model)
+            grams.append(input_grams(loaded, probe, own.factors, task_rows))
         result = merge(parts, grams)
         done.factors.update(result.weights.factors)
         done.alphas.update(result.weights.alphas)
