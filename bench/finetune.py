@@ -3,7 +3,7 @@
     python bench/finetune.py quality [--tasks all] [--steps 200] [--out runs/task-adapters]
     python bench/finetune.py speed [--steps 20]
 
-``quality`` trains one rank-16 adapter per built-in task (bf16 base, fp32 adapters) and reports
+``quality`` trains one rank-16 adapter per built-in task (--dtype base, fp32 adapters) and reports
 the base model's and the adapter's exact match on the task's test split; the adapters stay in
 ``--out/<task>`` for the merging and mixture benchmarks. ``speed`` trains on packed Python docs
 with rankwise fp32, rankwise bf16-base, PEFT fp32, and DoRA in both libraries (same model,
@@ -52,7 +52,7 @@ SPEED = dict(
 
 def quality(args: argparse.Namespace) -> None:
     names = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
-    base = load_model(dtype="bfloat16")
+    base = load_model(dtype=args.dtype)
     rows = []
     for name in names:
         test = get_task(name).test_set(args.test_examples)
@@ -67,7 +67,7 @@ def quality(args: argparse.Namespace) -> None:
                 lr=args.lr,
                 batch_size=8,
                 warmup_steps=10,
-                dtype="bfloat16",
+                dtype=args.dtype,
                 train_examples=2000,
                 eval_every=0,
                 save_every=0,
@@ -84,7 +84,8 @@ def quality(args: argparse.Namespace) -> None:
         "finetune_quality",
         (
             f"## Per-task adapters (`bench/finetune.py quality`)\n\nMachine: {machine()}. Model: "
-            f"{DEFAULT_MODEL}, bf16 base, fp32 LoRA r=16 α=32 on all linear layers, batch 8, "
+            f"{DEFAULT_MODEL}, {args.dtype} base, fp32 LoRA r=16 α=32 on all linear layers, "
+            f"batch 8, "
             f"lr {args.lr}, {args.test_examples} test prompts per task, greedy decoding.\n"
             f"Reproduce the adapters: `python bench/finetune.py quality --steps {args.steps} "
             f"--out {args.out}`."
@@ -217,6 +218,7 @@ def main() -> None:
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--test-examples", type=int, default=50)
     q.add_argument("--out", default="runs/task-adapters")
+    q.add_argument("--dtype", default="auto", help="base dtype (auto: bf16 where native)")
     s = sub.add_parser("speed")
     s.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
