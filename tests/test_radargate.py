@@ -85,7 +85,7 @@ def test_rank_space_angles_equal_the_explicit_rotations():
     outputs, rotated = router.expert_views(layer, x)  # (B, T, E, out)
     fused = torch.einsum("ij,btjd->btid", router.fuse, outputs)
     z = router.angle_in(x).unsqueeze(-2) + fused @ router.angle_out.weight.T
-    theta = torch.einsum("btik,ipk->btip", z, router.angle_up)
+    theta = z @ router.angle_up.T
     explicit = torch.stack(
         [
             torch.stack(
@@ -181,3 +181,20 @@ def test_trains_saves_and_loads_on_architectures(arch, tmp_path):
     load_mixture(fresh, tmp_path / "mix")
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=tokens).logits, expected, atol=0, rtol=0)
+
+
+def test_an_odd_output_width_keeps_its_last_coordinate_unturned():
+    from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+    from rankwise.routers.radargate import RadarGate, RadarGateOptions
+
+    layer = LowRankExperts(torch.nn.Linear(8, 7), [ExpertSpec(2, 4.0)] * 3)
+    layer.policy = RadarGate(layer, RadarGateOptions(expert_rank=2, num_experts=3), 0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.policy.angle_up.normal_()
+    x = torch.randn(5, 8)
+    weights = torch.softmax(layer.policy.stretch(x), -1)
+    outputs, rotated = layer.policy.expert_views(layer, x)
+    torch.testing.assert_close(rotated[..., -1], outputs[..., -1])
+    expected = (weights.unsqueeze(-1) * rotated).sum(-2)
+    torch.testing.assert_close(term(layer, x), expected, atol=1e-5, rtol=1e-4)

@@ -5,20 +5,21 @@ RadarGate turns each output before the sum (RotationGate) and scales it (Stretch
 
     y = W x + sum_i g_i(x) R_i(x) v_i
 
-R_i is block diagonal: out/2 rotations of coordinate pairs (d, d + out/2), one angle each, per
+R_i is block diagonal: out/2 rotations of the coordinate pairs (2p, 2p + 1), one angle each, per
 expert and token (RoPE's layout, with angles from the data instead of the position; an odd last
 coordinate is left as it is). The angles of expert i come from x and from its fused
 representation f_i = sum_j M_ij v_j (M learnable: the expert's own output and its relation to the
-others), through a generator of rank k (``angle_rank``) so that its cost stays a small multiple of
-the experts':
+others), through a generator of rank k (``angle_rank``), so that its cost stays a small multiple
+of the experts':
 
-    theta_i = P_i (Q x + S f_i)      Q [k, in], S [k, out], P_i [out/2, k]
+    theta_i = P (Q x + S f_i)      Q [k, in], S [k, out], P [out/2, k]
 
 S f_i = sum_j M_ij (S B_j) h_j is formed in rank space (h = scaled A x), from one product of h with
 a [R, E k] matrix derived from S, B and M; Q x comes out of the same product as A x and the
 stretch logits. The StretchGate is g = softmax(W_g x), the ``softmax`` router's gate. P starts at
 zero, so every angle is zero and a fresh RadarGate is exactly that router's weighted sum.
-The rotation needs each expert's output, so the forward forms them, (tokens, E, out), in fp32.
+The rotation needs each expert's output, so the forward forms them, (tokens, E, out), in fp32,
+and rotates them as complex numbers (``turned_sum``).
 """
 
 from __future__ import annotations
@@ -37,22 +38,41 @@ EPS = 1e-12
 
 
 def rotate_pairs(v: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """v with each pair (d, d + p) turned by theta[..., d], p = theta's width. (..., out)"""
+    """v with each pair (2p, 2p + 1) turned by theta[..., p]; the explicit, real form. (..., out)"""
     p = theta.shape[-1]
-    first, second, rest = v[..., :p], v[..., p : 2 * p], v[..., 2 * p :]
+    even, odd, rest = v[..., 0 : 2 * p : 2], v[..., 1 : 2 * p : 2], v[..., 2 * p :]
     cos, sin = torch.cos(theta), torch.sin(theta)
-    return torch.cat([first * cos - second * sin, first * sin + second * cos, rest], dim=-1)
+    turned = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return torch.cat([turned.flatten(-2), rest], dim=-1)
 
 
 def rotation_matrix(theta: torch.Tensor, width: int) -> torch.Tensor:
     """The [width, width] matrix ``rotate_pairs`` applies for one angle vector (for checks)."""
-    p = theta.shape[-1]
+    even = 2 * torch.arange(theta.shape[-1])
     rot = torch.eye(width, dtype=theta.dtype)
-    index = torch.arange(p)
-    rot[index, index] = rot[index + p, index + p] = torch.cos(theta)
-    rot[index, index + p] = -torch.sin(theta)
-    rot[index + p, index] = torch.sin(theta)
+    rot[even, even] = rot[even + 1, even + 1] = torch.cos(theta)
+    rot[even, even + 1] = -torch.sin(theta)
+    rot[even + 1, even] = torch.sin(theta)
     return rot
+
+
+def turned_sum(outputs: torch.Tensor, weights: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i R(theta_i) o_i with the pairs as complex numbers. (N, E, out) -> (N, out)
+
+    A pair (2p, 2p + 1) is the complex number o[2p] + i o[2p + 1], its rotation a product with
+    w e^{i theta} (one ``polar``): two passes over the (N, E, out / 2) angles where the real
+    form takes a dozen, forward and backward (``rotate_pairs`` is that form; a test compares).
+    """
+    p, out = theta.shape[-1], outputs.shape[-1]
+    pairs = outputs[..., : 2 * p]
+    if out % 2:  # an odd width leaves odd strides, which a complex view cannot take
+        pairs = pairs.contiguous()
+    turns = torch.polar(weights.unsqueeze(-1).expand_as(theta), theta)  # w_i e^{i theta_i}
+    term = torch.view_as_real((turns * torch.view_as_complex(pairs.unflatten(-1, (p, 2)))).sum(-2))
+    if 2 * p == out:
+        return term.flatten(-2)
+    rest = (weights.unsqueeze(-1) * outputs[..., 2 * p :]).sum(-2)
+    return torch.cat([term.flatten(-2), rest], dim=-1)
 
 
 def pair_angles(outputs: torch.Tensor) -> torch.Tensor:
@@ -71,7 +91,7 @@ class RadarGateOptions(ExpertOptions):
     )
     num_experts: int = option(4, "experts per module", within="[1, inf)")
     angle_rank: int = option(
-        4, "rank k of the angle generator theta_i = P_i (Q x + S f_i)", within="[1, inf)"
+        4, "rank k of the angle generator theta_i = P (Q x + S f_i)", within="[1, inf)"
     )
 
 
@@ -98,7 +118,7 @@ class RadarGate(Router):
         self.stretch = nn.Linear(width, num, bias=False).to(layer.lora_A)
         self.angle_in = nn.Linear(width, k, bias=False).to(layer.lora_A)  # Q
         self.angle_out = nn.Linear(out, k, bias=False).to(layer.lora_A)  # S
-        self.angle_up = nn.Parameter(torch.zeros(num, out // 2, k).to(layer.lora_A))  # P: 0
+        self.angle_up = nn.Parameter(torch.zeros(out // 2, k).to(layer.lora_A))  # P: 0
         # Fusion starts as an even mix of the expert's own output and the mean of the others'.
         others = (torch.ones(num, num) - torch.eye(num)) / max(num - 1, 1)
         start = torch.eye(num) if num == 1 else (torch.eye(num) + others) / 2
@@ -112,8 +132,7 @@ class RadarGate(Router):
         weights = torch.softmax(logits, dim=-1)
         self.keep_gates(weights, x)
         h = h * layer.rank_scaling
-        rotated = rotate_pairs(layer.expert_outputs(h), self.angles(layer, h, q))  # (N, E, out)
-        term = torch.bmm(weights.unsqueeze(-2), rotated).squeeze(-2)  # (N, out)
+        term = turned_sum(layer.expert_outputs(h), weights, self.angles(layer, h, q))  # (N, out)
         return into + term.to(into.dtype).view(into.shape)
 
     def angles(self, layer: LowRankExperts, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -125,7 +144,7 @@ class RadarGate(Router):
         sources = (self.fuse, self.angle_out.weight, layer.lora_B)
         fused = self.held("fused", lambda: self.fused_map(layer), *sources)  # (R, E k)
         z = q.unsqueeze(-2) + (h @ fused).unflatten(-1, (layer.num_experts, -1))  # (N, E, k)
-        return torch.bmm(z.transpose(0, 1), self.angle_up.transpose(1, 2)).transpose(0, 1)
+        return z @ self.angle_up.T
 
     def fused_map(self, layer: LowRankExperts) -> torch.Tensor:
         """F [R, E k]: rank space to every expert's S f_i (see ``angles``)."""
@@ -146,5 +165,5 @@ class RadarGate(Router):
         outputs = layer.expert_outputs(layer.down(x) * layer.rank_scaling)  # (..., E, out)
         fused = torch.einsum("ij,...jd->...id", self.fuse, outputs)
         z = self.angle_in(x).unsqueeze(-2) + self.angle_out(fused)  # (..., E, k)
-        theta = torch.einsum("...ik,ipk->...ip", z, self.angle_up)
+        theta = z @ self.angle_up.T
         return outputs, rotate_pairs(outputs, theta)
