@@ -3,6 +3,7 @@ rotations keep improving (arXiv 2505.23184). The scaling sweep of ``bench/mixtur
 
     python bench/mixture_scaling.py [--experts 2 4 8 16] [--steps 600] [--lrs 3e-4 1e-3 3e-3]
     python bench/mixture_scaling.py --quick      # a few steps, E = 2, one learning rate
+    python bench/mixture_scaling.py --gradient-checkpointing   # the full sweep, less memory
 
 For each E, on every linear layer of SmolLM2-135M (bf16 base, fp32 adapters): (a) the dense
 softmax gate over E experts of rank ``--expert-rank`` (router ``softmax``), (b) RadarGate over
@@ -150,6 +151,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--inspect-examples", type=int, default=8)
     parser.add_argument("--no-flylora", action="store_true")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true",
+        help="for every variant (RadarGate keeps E x out values per token and module for the "
+        "backward: about 12 GB at E = 16 without it)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="E = 2, 3 steps, 2 items, one lr")
     args = parser.parse_args()
     if args.quick:
@@ -165,7 +171,7 @@ def main() -> None:
     common = dict(
         data="task:all", train_examples=1000, max_steps=args.steps, batch_size=8,
         warmup_steps=min(20, args.steps // 10), dtype="bfloat16", eval_every=0, save_every=0,
-        log_every=50,
+        log_every=50, gradient_checkpointing=args.gradient_checkpointing,
     )  # fmt: skip
     rows: list[dict] = []
     groups = {e: methods(e, args.expert_rank, args.angle_rank) for e in args.experts}
