@@ -171,7 +171,9 @@ def plot_angles(report: Report, path: Path) -> Path:
             for n, g in report.angles_before[t].items()
         ]
     ).mean(0)
-    image = grid.imshow(change.rad2deg().numpy(), cmap="coolwarm")
+    change = change.rad2deg()
+    bound = max(change.abs().max().item(), 1e-6)  # white at zero: no change
+    image = grid.imshow(change.numpy(), cmap="coolwarm", vmin=-bound, vmax=bound)
     grid.set_title("mean change per pair (deg)")
     grid.set_xlabel("expert")
     grid.set_ylabel("expert")
