@@ -198,3 +198,22 @@ def test_an_odd_output_width_keeps_its_last_coordinate_unturned():
     torch.testing.assert_close(rotated[..., -1], outputs[..., -1])
     expected = (weights.unsqueeze(-1) * rotated).sum(-2)
     torch.testing.assert_close(term(layer, x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_contrast_correlates_each_layers_pair_angles_with_their_change():
+    """Close pairs drawn closer and distant ones pushed apart is a positive correlation; pairs
+    are taken per layer, never averaged over layers."""
+    from rankwise.mixture.inspect import Report
+
+    def grid(a01: float, a02: float, a12: float) -> list[list[float]]:
+        return [[0, a01, a02], [a01, 0, a12], [a02, a12, 0]]
+
+    before = {"t": {"l0": grid(0.2, 1.0, 1.4), "l1": grid(1.2, 0.4, 0.8)}}
+    after = {"t": {"l0": grid(0.1, 1.0, 1.6), "l1": grid(1.3, 0.3, 0.8)}}  # contrastive
+    report = Report(angles_before=before, angles_after=after)
+    x, y = report.pairs("t")
+    assert x.tolist() == pytest.approx([0.2, 1.0, 1.4, 1.2, 0.4, 0.8])
+    assert y.tolist() == pytest.approx([-0.1, 0.0, 0.2, 0.1, -0.1, 0.0], abs=1e-6)
+    assert report.contrast("t") > 0.9 and report.contrast() == report.contrast("t")
+    flipped = Report(angles_before=after, angles_after=before)  # attraction of distant pairs
+    assert flipped.contrast() < 0
