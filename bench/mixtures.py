@@ -11,7 +11,8 @@ greedy decoding of a fixed batch; PEFT's X-LoRA on the same adapters and the bar
 are timed in the same run. Each router's gates are then inspected on validation items of every
 task (``rankwise mix inspect``): which expert each task leans on and, for RadarGate, whether its
 rotations are contrastive, with the angle heatmap in docs/images/. Writes the tables into
-docs/benchmarks.md (section "mixtures").
+docs/benchmarks.md (section "mixtures"). The scaling sweep over the number of experts (softmax
+gate vs RadarGate vs a single LoRA, the paper's claim) is ``bench/mixture_scaling.py``.
 """
 
 from __future__ import annotations

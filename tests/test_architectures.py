@@ -142,13 +142,14 @@ def test_merge_and_unmerge_keep_the_logits(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("router", ["mola", "radargate", "smora"])
+@pytest.mark.parametrize("router", ["mola", "radargate", "smora", "softmax"])
 def test_mixtures_train_on_every_architecture(arch, router):
     model = tiny_model(arch)
     settings = {
         "mola": {"expert_pattern": "2,3", "top_k": 2, "aux_coef": 0.01},
         "radargate": {"num_experts": 3},
         "smora": {"rank": 8, "top_k": 2},
+        "softmax": {"num_experts": 3},
     }[router]
     mixture = build_mixture(model, router, settings)
     if router == "mola":  # two depth groups over two blocks: 2 experts low, 3 high

@@ -59,7 +59,7 @@ def test_example_configs_are_valid(name):
     assert config.max_steps > 0
 
 
-@pytest.mark.parametrize("router", ["mola", "smora", "flylora", "radargate", "xlora"])
+@pytest.mark.parametrize("router", ["softmax", "mola", "smora", "flylora", "radargate", "xlora"])
 def test_example_mixture_configs_are_valid(router):
     from pathlib import Path
 
@@ -80,7 +80,7 @@ def test_help_lists_choices_defaults_and_bounds(capsys):
     with pytest.raises(SystemExit):
         main(["mix", "train", "--help"])
     out = capsys.readouterr().out
-    assert "{mola,smora,flylora,radargate,xlora}" in out and "within [1, inf)" in out
+    assert "{softmax,mola,smora,flylora,radargate,xlora}" in out and "within [1, inf)" in out
     with pytest.raises(SystemExit):
         main(["merge", "--help"])
     assert "{linear,ties,dare_linear,dare_ties,lego" in capsys.readouterr().out

@@ -27,6 +27,7 @@ ROUTER_SETTINGS = {
     "smora": {"rank": 8, "top_k": 2},
     "flylora": {"rank": 8, "top_k": 2},
     "radargate": {"num_experts": 3},
+    "softmax": {"num_experts": 3},
     "xlora": {"top_k": 2, "layerwise": True, "classifier_depth": 2},
 }
 
@@ -178,7 +179,9 @@ def test_cli_train_and_inspect_radargate(tmp_path, capsys):
     assert (out / "inspect" / "gates-even.png").is_file()
     assert (out / "inspect" / "rotation-angles.png").is_file()
     report = json.loads((out / "inspect" / "inspect.json").read_text())
-    assert len(report["angles_before"]) == 3
+    assert set(report["angles_before"]) == {"even", "odd"} == set(report["contrast_per_task"])
+    grids = report["angles_before"]["even"]
+    assert len(grids) == 4 and all(len(g) == 3 for g in grids.values())  # q, v of 2 blocks
     # generate and eval take the mixture too
     tiny = ["--model", str(model_dir), "--mixture", str(out), "--max-new-tokens", "3"]
     assert main(["generate", *tiny, "w3 w4"]) == 0

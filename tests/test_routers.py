@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from conftest import tiny_llama
@@ -15,7 +13,6 @@ from rankwise.mixture import build_mixture, router_options
 from rankwise.routers import base
 from rankwise.routers.base import routed_sum
 from rankwise.routers.mola import pattern_counts
-from rankwise.routers.radargate import rotate, rotation_matrix
 
 
 def mixture(router: str, **settings):
@@ -175,73 +172,6 @@ def test_flylora_frozen_sparse_a_and_zero_grad_for_unselected_b(tokens):
     assert router.load.sum() == 0
 
 
-def test_radargate_rotation_is_orthogonal_and_norm_preserving():
-    o, f = torch.randn(7), torch.randn(7)
-    theta = torch.tensor(0.7)
-    rot = rotation_matrix(o, f, theta)
-    torch.testing.assert_close(rot @ rot.T, torch.eye(7), atol=1e-5, rtol=0)
-    assert math.isclose(torch.linalg.det(rot).item(), 1.0, rel_tol=1e-4)
-    torch.testing.assert_close(rot @ o, rotate(o, f, theta))
-    batch = torch.randn(4, 3, 7)
-    turned = rotate(batch, torch.randn(4, 3, 7), torch.randn(4, 3))
-    torch.testing.assert_close(turned.norm(dim=-1), batch.norm(dim=-1))
-
-
-def test_radargate_starts_as_softmax_weighted_sum(tokens):
-    model, built = mixture("radargate", num_experts=3)
-    run(model, tokens)
-    layer = next(iter(built.layers.values()))
-    router = layer.policy
-    x = torch.randn(2, layer.base.in_features)
-    weights = torch.softmax(router.stretch(x), -1)
-    expected = (layer.down(x) * layer.rank_gate(weights)) @ layer.lora_B.T
-    torch.testing.assert_close(term(router, layer, x), expected)
-    torch.testing.assert_close(router.last_gates.sum(-1), torch.ones(2))
-
-
-def radargate_layer(theta: float):
-    """A RadarGate layer with random experts, fusion and angles near ``theta``."""
-    _, built = mixture("radargate", num_experts=3)
-    layer = built.layers["model.layers.0.self_attn.v_proj"]
-    router = layer.policy
-    with torch.no_grad():
-        router.fuse.normal_()
-        router.angle.weight.normal_(std=0.01)
-        router.angle.bias.fill_(theta)
-    return layer, router
-
-
-def test_radargate_rank_space_forward_equals_explicit_rotations():
-    layer, router = radargate_layer(0.8)
-    x = torch.randn(2, 5, layer.base.in_features)
-    weights = torch.softmax(router.stretch(x), -1)
-    _, rotated = router.expert_views(layer, x)  # the explicit form, (B, T, E, out)
-    expected = (weights.unsqueeze(-1) * rotated).sum(-2)
-    torch.testing.assert_close(term(router, layer, x), expected, atol=1e-5, rtol=1e-4)
-    with torch.no_grad():
-        layer.lora_B.zero_()  # B = 0 at init: zero output, finite gradients
-    term(router, layer, x).sum().backward()
-    trained = [layer.lora_A, layer.lora_B, *router.parameters()]
-    assert all(torch.isfinite(p.grad).all() for p in trained if p.grad is not None)
-    assert layer.lora_B.grad.abs().sum() > 0  # B learns from zero, as a plain LoRA's does
-
-
-@pytest.mark.parametrize("write", ["lora_B", "policy.angle.bias"])
-def test_radargate_inference_keeps_derived_factors_until_they_change(write):
-    """B^T B and the joint [A; W_s; W_a] are kept between inference forwards, not after writes."""
-    layer, router = radargate_layer(0.8)
-    x = torch.randn(2, 5, layer.base.in_features)
-    with torch.no_grad():
-        first = term(router, layer, x)
-        kept = {name: value for name, (_, value) in router.kept.items()}
-        torch.testing.assert_close(term(router, layer, x), first)
-        assert all(router.kept[name][1] is value for name, value in kept.items())
-        layer.get_parameter(write).mul_(2.0)  # an in-place write, as an optimizer step or a load
-        changed = term(router, layer, x)
-    torch.testing.assert_close(changed, term(router, layer, x).detach())  # formed afresh
-    assert not torch.allclose(changed, first)
-
-
 @pytest.mark.parametrize("router", ["flylora", "radargate"])
 def test_training_after_inference_mode_uses_fresh_or_normal_kept_tensors(router, tokens):
     """What routers keep between inference forwards never breaks a later training step."""
@@ -256,22 +186,6 @@ def test_training_after_inference_mode_uses_fresh_or_normal_kept_tensors(router,
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(run(model, tokens), before.clone(), atol=0.05, rtol=0)
-
-
-def test_radargate_output_can_leave_the_cone_of_expert_outputs():
-    """A gated sum lies in the cone of the experts' outputs; a rotation can take it out."""
-    layer, router = radargate_layer(2.5)
-    x = torch.randn(1, layer.base.in_features)
-    outputs, _ = router.expert_views(layer, x)  # (1, E, out): independent directions
-    y = term(router, layer, x)
-    coefficients = torch.linalg.lstsq(outputs[0].T, y[0].unsqueeze(-1)).solution[:, 0]
-    torch.testing.assert_close(coefficients @ outputs[0], y[0], atol=1e-5, rtol=1e-4)
-    assert (coefficients < -1e-3).any()  # unique coordinates, one negative: outside the cone
-    with torch.no_grad():
-        router.angle.bias.zero_()
-        router.angle.weight.zero_()
-    plain = torch.linalg.lstsq(outputs[0].T, term(router, layer, x)[0].unsqueeze(-1)).solution
-    assert (plain >= -1e-5).all()  # theta = 0: the softmax-weighted sum, inside the cone
 
 
 def test_xlora_trains_only_classifier_and_top_k_runs_only_chosen(monkeypatch, tmp_path, tokens):

@@ -268,7 +268,7 @@ def test_bf16_base_keeps_fp32_adapters(model_dir, tmp_path):
     assert all(v.dtype == torch.float32 for v in adapter_tensors(tmp_path / "run").values())
 
 
-@pytest.mark.parametrize("router", [None, "mola", "smora"])
+@pytest.mark.parametrize("router", [None, "mola", "smora", "radargate"])
 def test_a_training_step_places_every_tensor_explicitly(model_dir, tmp_path, monkeypatch, router):
     """What a GPU run needs, checked on the CPU: every tensor of a step (forward, loss, backward,
     auxiliary losses, routers' bookkeeping, validation) is made on the model's device or on the
@@ -284,5 +284,9 @@ def test_a_training_step_places_every_tensor_explicitly(model_dir, tmp_path, mon
         return
     run = config(model_dir, tmp_path, **values).as_dict()
     cfg = {key: run[key] for key in RunConfig.__dataclass_fields__}  # not the adapter's settings
-    extra = {"mola": {"aux_coef": 0.01}, "smora": {"rank": 4, "top_k": 2}}[router]
+    extra = {
+        "mola": {"aux_coef": 0.01},
+        "smora": {"rank": 4, "top_k": 2},
+        "radargate": {"num_experts": 3, "angle_rank": 2},
+    }[router]
     train_mixture(MixConfig.from_mapping({**cfg, "router": router, **extra}))

@@ -178,9 +178,9 @@ class LowRankExperts(LinearWrapper):
         of one rank take a single batched product.
         """
         num, rank = self.num_experts, self.ranks[0]
-        if self.ranks == [rank] * num:
-            b = self.lora_B.to(h.dtype).view(-1, num, rank).transpose(0, 1)  # (E, out, r)
-            return (h.unflatten(-1, (num, rank)).unsqueeze(-2) @ b.transpose(1, 2)).squeeze(-2)
+        if self.ranks == [rank] * num:  # one product batched over experts, not over tokens
+            b = self.lora_B.to(h.dtype).view(-1, num, rank)  # (out, E, r)
+            return torch.einsum("...er,oer->...eo", h.unflatten(-1, (num, rank)), b)
         return torch.stack(
             [
                 h[..., self.expert_slice(e)] @ self.expert_factors(e)[1].T

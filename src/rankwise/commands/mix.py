@@ -66,15 +66,19 @@ def run_inspect(args: argparse.Namespace) -> None:
     summary = {"gates": report.gates, "favourites": report.favourites()}
     if report.angles_before is not None:
         print(f"wrote {plot_angles(report, folder / 'rotation-angles.png')}")
+        per_task = {task: report.contrast(task) for task in report.angles_before}
+        for task, value in per_task.items():
+            print(f"radargate: {task}: correlation of pair angle with its change {value:+.3f}")
         contrast = report.contrast()
         verdict = "holds" if contrast > 0 else "does not hold"
         print(
-            f"radargate: correlation of pair angle with its change under rotation {contrast:+.3f}: "
-            f"the paper's contrastive pattern {verdict} here"
+            f"radargate: correlation of pair angle with its change under rotation {contrast:+.3f} "
+            f"over every task's pairs: the paper's contrastive pattern {verdict} here"
         )
         summary |= {
             "angles_before": report.angles_before,
             "angles_after": report.angles_after,
             "contrast": contrast,
+            "contrast_per_task": per_task,
         }
     (folder / "inspect.json").write_text(json.dumps(summary, indent=2))

@@ -1,9 +1,11 @@
 """Where a trained mixture routes: mean gate per expert and layer, split by task, as PNGs.
 
 For RadarGate also the mean angle between every pair of experts' outputs before and after the
-rotations. The paper reports the rotations are contrastive: pairs already close are drawn
-together, distant ones pushed apart. Here that shows as a positive correlation between a pair's
-angle before rotation and the change the rotation makes to it.
+rotations, per task and layer. The paper reports the rotations are contrastive: pairs already
+close are drawn together, distant ones pushed apart. Here that shows as a positive correlation,
+over every layer's pairs, between a pair's angle before rotation and the change the rotation
+makes to it (the pair's outputs are those of one layer's experts: expert i of one layer has no
+relation to expert i of another, so pairs are never averaged over layers).
 """
 
 from __future__ import annotations
@@ -23,14 +25,17 @@ from rankwise.mixture.mixture import Mixture
 from rankwise.models import model_device
 from rankwise.routers.radargate import RadarGate, pair_angles
 
+Angles = dict[str, dict[str, list[list[float]]]]  # task -> layer -> [E, E] mean pair angle
+
 
 @dataclass
 class Report:
-    """Mean gates [E_l] per task and layer; RadarGate pair angles [E, E] before and after."""
+    """Mean gates [E_l] per task and layer; RadarGate pair angles [E, E] per task and layer,
+    before and after the rotations (radians)."""
 
     gates: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    angles_before: list[list[float]] | None = None
-    angles_after: list[list[float]] | None = None
+    angles_before: Angles | None = None
+    angles_after: Angles | None = None
 
     def favourites(self) -> dict[str, tuple[int, int, int]]:
         """Per task: the expert most often on top across layers, how often, and of how many."""
@@ -41,12 +46,24 @@ class Report:
             out[task] = (expert, times, len(layers))
         return out
 
-    def contrast(self) -> float:
-        """Correlation of pair angle before rotation with its change (> 0: contrastive)."""
-        before = torch.tensor(self.angles_before)
-        change = torch.tensor(self.angles_after) - before
-        pairs = torch.triu_indices(*before.shape, offset=1)
-        x, y = before[pairs[0], pairs[1]], change[pairs[0], pairs[1]]
+    def pairs(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's pair angles before rotation and their changes, one point per pair."""
+        before, change = [], []
+        for layer, grid in self.angles_before[task].items():
+            b = torch.tensor(grid)
+            upper = torch.triu_indices(*b.shape, offset=1)
+            before.append(b[upper[0], upper[1]])
+            change.append((torch.tensor(self.angles_after[task][layer]) - b)[upper[0], upper[1]])
+        return torch.cat(before), torch.cat(change)
+
+    def contrast(self, task: str | None = None) -> float:
+        """Correlation of pair angle before rotation with its change (> 0: contrastive), over
+        one task's points or (None) every task's; nan where there is no spread."""
+        tasks = [task] if task is not None else list(self.angles_before)
+        points = [self.pairs(t) for t in tasks]
+        x, y = torch.cat([p[0] for p in points]), torch.cat([p[1] for p in points])
+        if x.numel() < 2 or x.std() == 0 or y.std() == 0:
+            return float("nan")
         return torch.corrcoef(torch.stack([x, y]))[0, 1].item()
 
 
@@ -71,12 +88,13 @@ def inspect_mixture(
         )
         for name, layer in mixture.layers.items()
     ]
-    sums_before, sums_after, batches = 0.0, 0.0, 0
+    before: dict[str, dict[str, torch.Tensor]] = {}
+    after: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for task in dict.fromkeys(r.get("task", "all") for r in records):
             mine = [r for r in records if r.get("task", "all") == task]
             totals: dict[str, torch.Tensor] = {}
-            tokens = 0
+            tokens = batches = 0
             for start in range(0, len(mine), batch_size):
                 batch = collate(
                     [
@@ -89,22 +107,23 @@ def inspect_mixture(
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 keep = batch["attention_mask"].bool()  # (B, T)
                 tokens += int(keep.sum())
+                batches += 1
                 for name, router in mixture.routers.items():
                     summed = router.last_gates[keep].float().sum(0)  # (E,)
                     totals[name] = totals.get(name, 0) + summed
                     if radar:
-                        layer = mixture.layers[name]
-                        before, after = router.expert_views(layer, inputs[name][keep])
-                        sums_before = sums_before + pair_angles(before)
-                        sums_after = sums_after + pair_angles(after)
-                        batches += 1
+                        views = router.expert_views(mixture.layers[name], inputs[name][keep])
+                        for store, view in zip((before, after), views, strict=True):
+                            grids = store.setdefault(task, {})
+                            grids[name] = grids.get(name, 0) + pair_angles(view)
             report.gates[task] = {n: (t / tokens).tolist() for n, t in totals.items()}
+            for store in (before, after) if radar else ():
+                store[task] = {n: (a / batches).tolist() for n, a in store[task].items()}
     finally:
         for hook in hooks:
             hook.remove()
-    if radar and batches:
-        report.angles_before = (sums_before / batches).tolist()
-        report.angles_after = (sums_after / batches).tolist()
+    if radar and before:
+        report.angles_before, report.angles_after = before, after
     return report
 
 
@@ -132,21 +151,35 @@ def plot_gates(report: Report, folder: Path) -> list[Path]:
 
 
 def plot_angles(report: Report, path: Path) -> Path:
-    """RadarGate: pair angles before rotation, after, and the change, in degrees."""
-    before = torch.tensor(report.angles_before).rad2deg()
-    after = torch.tensor(report.angles_after).rad2deg()
-    fig = Figure(figsize=(11, 3.4))
-    axes = fig.subplots(1, 3)
-    for ax, grid, title in zip(
-        axes, (before, after, after - before), ("before", "after", "change"), strict=True
-    ):
-        image = ax.imshow(grid.numpy(), cmap="coolwarm" if title == "change" else "viridis")
-        ax.set_title(f"pair angle {title} (deg)")
-        ax.set_xlabel("expert")
-        ax.set_ylabel("expert")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experts are whole numbers
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.colorbar(image, ax=ax)
+    """RadarGate: per task, every layer's pair angles before rotation against their change
+    (degrees), with the correlation; and the mean change per pair over layers and tasks."""
+    tasks = list(report.angles_before)
+    fig = Figure(figsize=(11, 4))  # no pyplot
+    scatter, grid = fig.subplots(1, 2, width_ratios=[3, 2])
+    for task in tasks:
+        x, y = (t.rad2deg() for t in report.pairs(task))
+        scatter.scatter(x, y, s=6, alpha=0.5, label=f"{task} (r = {report.contrast(task):+.2f})")
+    scatter.axhline(0, color="grey", linewidth=0.8)
+    scatter.set_xlabel("pair angle before rotation (deg)")
+    scatter.set_ylabel("change under rotation (deg)")
+    scatter.set_title(f"contrast: r = {report.contrast():+.2f} over all pairs")
+    scatter.legend(fontsize=6, markerscale=2)
+    change = torch.stack(
+        [
+            torch.tensor(report.angles_after[t][n]) - torch.tensor(g)
+            for t in tasks
+            for n, g in report.angles_before[t].items()
+        ]
+    ).mean(0)
+    change = change.rad2deg()
+    bound = max(change.abs().max().item(), 1e-6)  # white at zero: no change
+    image = grid.imshow(change.numpy(), cmap="coolwarm", vmin=-bound, vmax=bound)
+    grid.set_title("mean change per pair (deg)")
+    grid.set_xlabel("expert")
+    grid.set_ylabel("expert")
+    grid.xaxis.set_major_locator(MaxNLocator(integer=True))  # experts are whole numbers
+    grid.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(image, ax=grid)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path

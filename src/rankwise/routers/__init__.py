@@ -8,11 +8,12 @@ from rankwise.routers.flylora import FlyLoRA
 from rankwise.routers.mola import MoLA
 from rankwise.routers.radargate import RadarGate
 from rankwise.routers.smora import SMoRA
+from rankwise.routers.softmax import Softmax
 from rankwise.routers.xlora import XLoRA
 
 # The one place a router is registered; this order is the order users see.
 ROUTERS: dict[str, type[Router]] = {
-    cls.name: cls for cls in (MoLA, SMoRA, FlyLoRA, RadarGate, XLoRA)
+    cls.name: cls for cls in (Softmax, MoLA, SMoRA, FlyLoRA, RadarGate, XLoRA)
 }
 
 __all__ = ["ROUTERS", "ExpertOptions", "Router"]

@@ -1,16 +1,25 @@
 """RadarGate (arXiv 2505.23184, "Two Is Better Than One: Rotations Scale LoRAs").
 
-A weighted sum of expert outputs stays inside their convex cone; RadarGate also rotates each
-expert's output o_e by an input-dependent angle theta_e(x). Each o_e is first fused with the
-other experts' outputs by a learnable mixing f_e = sum_j M_ej o_j; the rotation acts in the
-plane spanned by o_e and f_e (a Givens rotation of the output space: orthogonal, identity on
-the rest), then a softmax stretch gate w_e(x) scales the rotated outputs:
+A weighted sum of the experts' outputs v_i = s_i B_i A_i x stays in their convex cone.
+RadarGate turns each output before the sum (RotationGate) and scales it (StretchGate):
 
-    y = sum_e w_e(x) R(o_e, f_e, theta_e(x)) o_e
+    y = W x + sum_i g_i(x) R_i(x) v_i
 
-theta starts at zero, so at initialisation RadarGate is a softmax-weighted sum of experts.
-The forward never forms the experts' outputs: each rotated output lies in the plane of o_e and
-f_e, so the whole sum reduces to per-expert coefficients applied in rank space.
+R_i is block diagonal: out/2 rotations of the coordinate pairs (2p, 2p + 1), one angle each, per
+expert and token (RoPE's layout, with angles from the data instead of the position; an odd last
+coordinate is left as it is). The angles of expert i come from x and from its fused
+representation f_i = sum_j M_ij v_j (M learnable: the expert's own output and its relation to the
+others), through a generator of rank k (``angle_rank``), so that its cost stays a small multiple
+of the experts':
+
+    theta_i = P (Q x + S f_i)      Q [k, in], S [k, out], P [out/2, k]
+
+S f_i = sum_j M_ij (S B_j) h_j is formed in rank space (h = scaled A x), from one product of h with
+a [R, E k] matrix derived from S, B and M; Q x comes out of the same product as A x and the
+stretch logits. The StretchGate is g = softmax(W_g x), the ``softmax`` router's gate. P starts at
+zero, so every angle is zero and a fresh RadarGate is exactly that router's weighted sum.
+The rotation needs each expert's output, so the forward forms them, (tokens, E, out), in fp32,
+and rotates them as complex numbers (``turned_sum``).
 """
 
 from __future__ import annotations
@@ -21,34 +30,49 @@ import torch
 from torch import nn
 
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
+from rankwise.errors import RankwiseError
 from rankwise.options import option
 from rankwise.routers.base import ExpertOptions, Router, equal_experts
 
 EPS = 1e-12
-TINY = torch.finfo(torch.float32).tiny  # floor of a squared area, before its rsqrt
 
 
-def plane_basis(o: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal u along o and v along the part of f orthogonal to o. (..., d) each"""
-    u = o / o.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    rest = f - (f * u).sum(-1, keepdim=True) * u
-    return u, rest / rest.norm(dim=-1, keepdim=True).clamp_min(EPS)
+def rotate_pairs(v: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """v with each pair (2p, 2p + 1) turned by theta[..., p]; the explicit, real form. (..., out)"""
+    p = theta.shape[-1]
+    even, odd, rest = v[..., 0 : 2 * p : 2], v[..., 1 : 2 * p : 2], v[..., 2 * p :]
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    turned = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return torch.cat([turned.flatten(-2), rest], dim=-1)
 
 
-def rotate(o: torch.Tensor, f: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """o turned by theta toward f in their plane: cos(theta) o + sin(theta) |o| v. (..., d)"""
-    _, v = plane_basis(o, f)
-    angle = theta.unsqueeze(-1)
-    return torch.cos(angle) * o + torch.sin(angle) * o.norm(dim=-1, keepdim=True) * v
+def rotation_matrix(theta: torch.Tensor, width: int) -> torch.Tensor:
+    """The [width, width] matrix ``rotate_pairs`` applies for one angle vector (for checks)."""
+    even = 2 * torch.arange(theta.shape[-1])
+    rot = torch.eye(width, dtype=theta.dtype)
+    rot[even, even] = rot[even + 1, even + 1] = torch.cos(theta)
+    rot[even, even + 1] = -torch.sin(theta)
+    rot[even + 1, even] = torch.sin(theta)
+    return rot
 
 
-def rotation_matrix(o: torch.Tensor, f: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """The rotation ``rotate`` applies, as a [d, d] matrix (one vector pair, for checks)."""
-    u, v = plane_basis(o, f)
-    eye = torch.eye(o.shape[-1], dtype=o.dtype)
-    plane = torch.outer(u, u) + torch.outer(v, v)
-    turn = torch.outer(v, u) - torch.outer(u, v)
-    return eye + (torch.cos(theta) - 1) * plane + torch.sin(theta) * turn
+def turned_sum(outputs: torch.Tensor, weights: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i R(theta_i) o_i with the pairs as complex numbers. (N, E, out) -> (N, out)
+
+    A pair (2p, 2p + 1) is the complex number o[2p] + i o[2p + 1], its rotation a product with
+    w e^{i theta} (one ``polar``): two passes over the (N, E, out / 2) angles where the real
+    form takes a dozen, forward and backward (``rotate_pairs`` is that form; a test compares).
+    """
+    p, out = theta.shape[-1], outputs.shape[-1]
+    pairs = outputs[..., : 2 * p]
+    if out % 2:  # an odd width leaves odd strides, which a complex view cannot take
+        pairs = pairs.contiguous()
+    turns = torch.polar(weights.unsqueeze(-1).expand_as(theta), theta)  # w_i e^{i theta_i}
+    term = torch.view_as_real((turns * torch.view_as_complex(pairs.unflatten(-1, (p, 2)))).sum(-2))
+    if 2 * p == out:
+        return term.flatten(-2)
+    rest = (weights.unsqueeze(-1) * outputs[..., 2 * p :]).sum(-2)
+    return torch.cat([term.flatten(-2), rest], dim=-1)
 
 
 def pair_angles(outputs: torch.Tensor) -> torch.Tensor:
@@ -66,10 +90,13 @@ class RadarGateOptions(ExpertOptions):
         8, "rank of each expert (scaling lora_alpha / expert_rank)", within="[1, inf)"
     )
     num_experts: int = option(4, "experts per module", within="[1, inf)")
+    angle_rank: int = option(
+        4, "rank k of the angle generator theta_i = P (Q x + S f_i)", within="[1, inf)"
+    )
 
 
 class RadarGate(Router):
-    """Stretch (softmax) gates and input-dependent rotations of each expert's output."""
+    """Softmax stretch gates and input-dependent pairwise rotations of each expert's output."""
 
     name = "radargate"
     options = RadarGateOptions
@@ -82,84 +109,61 @@ class RadarGate(Router):
 
     def __init__(self, layer: LowRankExperts, options: RadarGateOptions, index: int):
         super().__init__()
-        num, width = layer.num_experts, layer.in_features
+        if len(set(layer.ranks)) != 1:
+            raise RankwiseError(f"radargate needs experts of one rank, not {layer.ranks}")
+        num, width, out, k = (
+            layer.num_experts, layer.in_features, layer.out_features, options.angle_rank,
+        )  # fmt: skip
+        # Made on the CPU (reproducible anywhere), then moved to the factors' device and dtype.
         self.stretch = nn.Linear(width, num, bias=False).to(layer.lora_A)
-        self.angle = nn.Linear(width, num).to(layer.lora_A)
-        nn.init.zeros_(self.angle.weight)
-        nn.init.zeros_(self.angle.bias)
-        # Fusion starts as the mean of the other experts' outputs.
-        others = (torch.ones(num, num) - torch.eye(num)) / max(num - 1, 1)  # on the CPU, then moved
-        self.fuse = nn.Parameter(others.to(layer.lora_A))
-        # spread[e, q] = s_e where rank q belongs to expert e, else 0: h * spread is the
-        # block-diagonal [E, R] of the scaled s_e h_e, and c @ spread spreads per-expert
-        # coefficients over their ranks with the scalings applied.
-        owned = torch.arange(num, device=layer.rank_owner.device)[:, None] == layer.rank_owner
-        self.register_buffer("spread", owned * layer.rank_scaling, persistent=False)
+        self.angle_in = nn.Linear(width, k, bias=False).to(layer.lora_A)  # Q
+        self.angle_out = nn.Linear(out, k, bias=False).to(layer.lora_A)  # S
+        self.angle_up = nn.Parameter(torch.zeros(out // 2, k).to(layer.lora_A))  # P: 0
+        # Fusion starts as an even mix of the expert's own output and the mean of the others'.
+        others = (torch.ones(num, num) - torch.eye(num)) / max(num - 1, 1)
+        start = torch.eye(num) if num == 1 else (torch.eye(num) + others) / 2
+        self.fuse = nn.Parameter(start.to(layer.lora_A))  # M
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
+    ) -> torch.Tensor:
+        """y + sum_i g_i R_i v_i: A x, the stretch logits and Q x from one product (fp32 after)."""
+        h, logits, q = self.read(layer, x, self.stretch, self.angle_in)  # (N, R | E | k)
+        weights = torch.softmax(logits, dim=-1)
+        self.keep_gates(weights, x)
+        h = h * layer.rank_scaling
+        term = turned_sum(layer.expert_outputs(h), weights, self.angles(layer, h, q))  # (N, out)
+        return into + term.to(into.dtype).view(into.shape)
+
+    def angles(self, layer: LowRankExperts, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """theta (N, E, out // 2) from scaled rank-space h (N, R) and q = Q x (N, k).
+
+        S f_i = sum_j M_ij S B_j h_j for all i is h @ F with F[(j, r), (i, k)] = M_ij (S B_j)[k, r]
+        (``fused_map``), so no fused representation is formed in the output space.
+        """
+        sources = (self.fuse, self.angle_out.weight, layer.lora_B)
+        fused = self.held("fused", lambda: self.fused_map(layer), *sources)  # (R, E k)
+        z = q.unsqueeze(-2) + (h @ fused).unflatten(-1, (layer.num_experts, -1))  # (N, E, k)
+        return z @ self.angle_up.T
+
+    def fused_map(self, layer: LowRankExperts) -> torch.Tensor:
+        """F [R, E k]: rank space to every expert's S f_i (see ``angles``)."""
+        num, k = layer.num_experts, self.angle_out.weight.shape[0]
+        sb = (self.angle_out.weight @ layer.lora_B).view(k, num, -1)  # (k, E, r): S B_j
+        return torch.einsum("ij,kjr->jrik", self.fuse, sb).reshape(-1, num * k)
 
     def expert_views(
         self, layer: LowRankExperts, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each expert's output and its rotated version, in the factors' dtype. (..., E, out) each
 
-        The explicit form, for inspection and checks; x of a bf16 base is cast up.
+        The explicit form, for inspection and checks: the fused representations are formed in
+        the output space (f_i = sum_j M_ij v_j) and the angles taken from them directly; x of a
+        bf16 base is cast up.
         """
         x = x.to(layer.lora_A.dtype)
         outputs = layer.expert_outputs(layer.down(x) * layer.rank_scaling)  # (..., E, out)
-        fused = torch.einsum("ej,...jd->...ed", self.fuse, outputs)
-        return outputs, rotate(outputs, fused, self.angle(x))
-
-    def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
-    ) -> torch.Tensor:
-        """y + sum_e w_e R(o_e, f_e, theta_e) o_e, in rank space (see ``expert_coefficients``).
-
-        A x, the stretch logits and the angles come from one product (``Router.read``), cast
-        to fp32 for the rotation maths; the product with B runs in x's dtype, as a plain
-        LoRA's.
-        """
-        h, logits, theta = self.read(layer, x, self.stretch, self.angle)  # (tokens, R | E | E)
-        weights = torch.softmax(logits, dim=-1)
-        self.keep_gates(weights, x)
-        coefficients = self.expert_coefficients(layer, h, weights, theta)
-        return layer.up(h, coefficients @ self.spread, into)
-
-    def expert_coefficients(
-        self, layer: LowRankExperts, h: torch.Tensor, weights: torch.Tensor, theta: torch.Tensor
-    ) -> torch.Tensor:
-        """c with sum_e w_e R(o_e, f_e, theta_e) o_e = sum_j c_j o_j, from h = A x. (tokens, E)
-
-        The rotation keeps o_e in the plane of o_e and f_e = sum_j M_ej o_j, so the rotated
-        output is a_e o_e + b_e f_e, with a_e and b_e from the dot products o.o, f.o and f.f
-        alone. Each is a quadratic form h^T W h in rank space (``quadratic_forms``), so no
-        expert's output is ever materialised: the cost is two products with A and B like a
-        plain LoRA, plus O(E R^2) per token. ``rotate`` is the explicit form (a test checks
-        they agree).
-        """
-        sources = (layer.lora_B, self.fuse)
-        forms = self.held("forms", lambda: self.quadratic_forms(layer), *sources)  # [R, 3E R]
-        num, rank = weights.shape[-1], h.shape[-1]
-        values = torch.bmm((h @ forms).view(-1, 3 * num, rank), h.unsqueeze(-1))  # (tokens, 3E, 1)
-        oo, fo, ff = values.view(-1, 3 * num).split(num, dim=-1)  # (tokens, E) each
-        # With D = oo ff - fo^2 (the squared area spanned by o_e and f_e; |f_e - (fo/oo) o_e|^2
-        # = D / oo), the rotated output is a_e o_e + b_e f_e with b_e = sin(theta) oo / sqrt(D)
-        # and a_e = cos(theta) - sin(theta) fo / sqrt(D). D is clamped to the smallest normal
-        # float, so a zero output (B = 0 at init) gives b_e = 0, a_e = cos(theta) and finite
-        # gradients (a test checks them).
-        area = torch.addcmul(oo * ff, fo, fo, value=-1).clamp_min(TINY)
-        turn = torch.sin(theta) * area.rsqrt()
-        a_coef = torch.addcmul(torch.cos(theta), turn, fo, value=-1)
-        return torch.addcmul((weights * turn * oo) @ self.fuse, weights, a_coef)
-
-    def quadratic_forms(self, layer: LowRankExperts) -> torch.Tensor:
-        """W with (h W)[k R + p] = sum_q h_q W_k[q, p] for the 3E forms h^T W_k h = o_e . o_e,
-        f_e . o_e, f_e . f_e. [R, 3E R]
-
-        o_e = B S_e h with S_e = diag(spread[e]) and f_e = B diag((M spread)[e]) h, so every
-        form is G * (u v^T) for G = B^T B and u, v rows of spread or M spread.
-        """
-        b = layer.lora_B
-        fused = self.fuse @ self.spread  # (E, R): row e spreads f_e's mix over the ranks
-        left = torch.cat([self.spread, fused, fused])  # (3E, R)
-        right = torch.cat([self.spread, self.spread, fused])
-        forms = (b.T @ b).unsqueeze(1) * left.T.unsqueeze(-1) * right.unsqueeze(0)  # (R, 3E, R)
-        return forms.reshape(b.shape[1], -1)
+        fused = torch.einsum("ij,...jd->...id", self.fuse, outputs)
+        z = self.angle_in(x).unsqueeze(-2) + self.angle_out(fused)  # (..., E, k)
+        theta = z @ self.angle_up.T
+        return outputs, rotate_pairs(outputs, theta)
