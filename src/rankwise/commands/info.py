@@ -9,6 +9,7 @@ from rankwise.adapters.inject import adaptable_modules, count_parameters
 from rankwise.architectures import linear_shape
 from rankwise.commands.options import add_options, parse_options
 from rankwise.models import ModelOptions
+from rankwise.quantize import weight_report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +27,16 @@ def run(args: argparse.Namespace) -> None:
     print(f"parameters:  {total:,}")
     print(f"dtype:       {next(model.parameters()).dtype} on {loaded.device}")
     print(f"layers:      {config.num_hidden_layers}, hidden size {config.hidden_size}")
+    report = weight_report(model)
+    print(
+        f"weights:     {report.weight_bytes:,} bytes, "
+        f"{report.bits_per_parameter:.2f} bits/parameter"
+    )
+    if report.quantized_weights:
+        print(
+            f"quantised:   {report.quantized_weights:,} linear weights in "
+            f"{report.quantized_bytes:,} bytes, {report.bits_per_quantized_weight:.3f} bits/weight"
+        )
     groups: dict[tuple[str, int, int], int] = defaultdict(int)
     for name, linear in adaptable_modules(model).items():
         kind = name.rpartition(".")[2]
