@@ -219,11 +219,14 @@ def load_model(
     folder = gguf_to_folder(path) if path.suffix == ".gguf" else path
     # rankwise.compress pulls in the calibration data stack: import it only when needed.
     from rankwise.compress.storage import is_compressed, load_compressed
+    from rankwise.quantize.storage import is_quantized, load_quantized
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if is_compressed(folder):
             model = load_compressed(folder, DTYPES[dtype])
+        elif is_quantized(folder):
+            model = load_quantized(folder, DTYPES[dtype])
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=DTYPES[dtype], local_files_only=True
