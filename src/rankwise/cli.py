@@ -26,6 +26,7 @@ COMMANDS = (
     "merge",
     "compress",
     "quantize",
+    "compensate",
     "serve",
     "demo",
 )

@@ -70,6 +70,13 @@ def quantize_model(
     return made
 
 
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a linear map computes with, [out, in] float32 (dequantised if quantised)."""
+    if isinstance(module, QuantizedLinear):
+        return module.dequantized()
+    return dense_weight(module).float()
+
+
 @dataclass(frozen=True)
 class WeightReport:
     """Bytes of a model's weights and parameters counted as dense values."""
