@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     loaded = options.load()
     reference = load_model(options.reference, "float32", loaded.device).model
     input_ids = None
-    if COMPENSATORS[options.method].needs_gram:
+    if COMPENSATORS[options.method].prepare is not None:
         input_ids = calibration_data(
             loaded.tokenizer,
             options.calib,

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from rankwise.adapters.inject import adaptable_modules
 from rankwise.adapters.peft_format import LoraWeights
-from rankwise.architectures import dense_weight, is_transposed, linear_shape
+from rankwise.architectures import dense_weight, is_transposed, linear_shape, shared_input
 from rankwise.compress.calibration import GRAM, collect_statistics
 from rankwise.errors import RankwiseError
 from rankwise.quantize.base import effective_weight
@@ -60,17 +60,20 @@ def compensate(
         raise RankwiseError(f"unknown method '{method}': choose one of {', '.join(COMPENSATORS)}")
     compensator = COMPENSATORS[method]
     names, skipped = paired_layers(compressed, reference)
-    grams = {}
-    if compensator.needs_gram:
+    reads = {n: shared_input(compressed.config, n) for n in names}  # k/v read q's input
+    prepared = {}
+    if compensator.prepare is not None:
         if input_ids is None:
             raise RankwiseError(f"{method} needs calibration data")
-        grams = collect_statistics(compressed, input_ids, {n: {GRAM} for n in names}).gram
+        needs = {source: {GRAM} for source in reads.values()}
+        grams = collect_statistics(compressed, input_ids, needs).gram
+        prepared = {source: compensator.prepare(gram) for source, gram in grams.items()}
     ours, theirs = adaptable_modules(compressed), adaptable_modules(reference)
     factors = {}
     for name in tqdm(names, desc=f"compensate {method}", unit="layer"):
         weight = effective_weight(ours[name])
         delta = dense_weight(theirs[name]).float().to(weight.device) - weight  # [out, in]
-        a, b = compensator.factors(delta, grams.get(name), min(rank, *delta.shape))
+        a, b = compensator.factors(delta, prepared.get(reads[name]), min(rank, *delta.shape))
         factors[name] = (a.float(), b.float() * (a.shape[0] / alpha))
     transposed = any(is_transposed(ours[n]) for n in names)  # GPT-2's Conv1D (PEFT's flag)
     adapter = LoraWeights(

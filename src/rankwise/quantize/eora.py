@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,13 +30,25 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     return root[:, None] * vh[:rank], u[:, :rank] * root
 
 
+def eigenspace(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sqrt(L) floored, Q) of C = Q L Q^T (float64)."""
+    values, vectors = torch.linalg.eigh(gram.double())
+    values = values.clamp_min(0).clamp_min(FLOOR * values.max().clamp_min(1e-30))
+    return values.sqrt(), vectors
+
+
 def eora_factors(
     delta: torch.Tensor, gram: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EoRA's (A [r, in], B [out, r]) for error ``delta`` [out, in] and inputs' E[x x^T]."""
-    values, vectors = torch.linalg.eigh(gram.double())  # C = Q L Q^T
-    values = values.clamp_min(0).clamp_min(FLOOR * values.max().clamp_min(1e-30))
-    root = values.sqrt()
+    return eora_in(delta, eigenspace(gram), rank)
+
+
+def eora_in(
+    delta: torch.Tensor, space: tuple[torch.Tensor, torch.Tensor], rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EoRA's factors in a decomposed eigenspace (layers reading one input share it)."""
+    root, vectors = space
     projected = delta.double() @ (vectors * root)  # dW Q sqrt(L), [out, in]
     a, b = svd_factors(projected, rank)
     a = (a / root) @ vectors.T  # back out of the eigenspace: A sqrt(L)^-1 Q^T
@@ -49,13 +62,14 @@ def weighted_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Compensator:
-    """One ``compensate --method``: factors of a layer's error, and whether it needs E[x x^T]."""
+    """One ``compensate --method``: what it makes of an input's E[x x^T] (None: it needs no
+    statistics), and a layer's factors from its error, that and the rank."""
 
-    factors: Callable[[torch.Tensor, torch.Tensor | None, int], tuple[torch.Tensor, torch.Tensor]]
-    needs_gram: bool
+    prepare: Callable[[torch.Tensor], Any] | None
+    factors: Callable[[torch.Tensor, Any, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 COMPENSATORS: dict[str, Compensator] = {
-    "eora": Compensator(eora_factors, needs_gram=True),
-    "svd": Compensator(lambda delta, gram, rank: svd_factors(delta, rank), needs_gram=False),
+    "eora": Compensator(eigenspace, eora_in),
+    "svd": Compensator(None, lambda delta, _, rank: svd_factors(delta, rank)),
 }
