@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -135,3 +136,13 @@ def test_train_then_generate_on_a_quantised_base(model_dir, tmp_path, capsys):
     assert (out / "adapter_model.safetensors").is_file()
     generate = ["generate", *quant, "--adapter", str(out), "--max-new-tokens", "2", "w1 w2"]
     assert main(generate) == 0
+
+
+def test_missing_bitsandbytes_says_what_still_works(monkeypatch):
+    monkeypatch.setitem(
+        sys.modules, "bitsandbytes", None
+    )  # import fails as on a platform without it
+    with pytest.raises(RankwiseError, match="needs bitsandbytes .* nf2, nf3, nf4 and nf8") as err:
+        quantize_model(tiny_model("llama"), BASES["nf4"], BLOCK)
+    assert "\n" not in str(err.value)
+    quantize_model(tiny_model("llama"), BASES["nf3"], BLOCK)  # rankwise's own NF-k still works
