@@ -74,8 +74,8 @@ class LoftQ(QuantizeMethod):
         for name, module in modules.items():
             weight = dense_weight(module)
             state, a, b = loftq_layer(weight, self.bits, block, self.rank, self.iters)
-            layer = NFkLinear(*weight.shape[::-1], self.bits, block, module.bias is not None)
-            layer = layer.to(weight.device)
+            has_bias = module.bias is not None
+            layer = NFkLinear(*weight.shape[::-1], self.bits, block, has_bias, weight.device)
             layer.load_state(state)
             if module.bias is not None:
                 layer.bias.copy_(module.bias)

@@ -18,6 +18,8 @@ Codes are packed k bits at a time, most significant bit first, into bytes, so NF
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -26,14 +28,21 @@ from rankwise.architectures import QuantizedLinear
 DOUBLE_BLOCK = 256  # absmax values per block of the second quantisation
 
 
-def normal_float(bits: int) -> torch.Tensor:
-    """The 2^bits NormalFloat levels in [-1, 1], ascending (float32)."""
+def normal_float(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 2^bits NormalFloat levels in [-1, 1], ascending (float32), on ``device``."""
+    return host_levels(bits).to(device)
+
+
+@functools.cache
+def host_levels(bits: int) -> torch.Tensor:
+    """``normal_float`` built once per width on the host (every forward dequantises with it)."""
     half = 2 ** (bits - 1)
     delta = 0.5 * (1 - 1 / (2 * (2**bits - 1)) + 1 - 1 / (2 * 2**bits))
-    normal = torch.distributions.Normal(0.0, 1.0)
-    positive = normal.icdf(torch.linspace(delta, 0.5, half + 1, dtype=torch.float64)[:-1])
-    negative = -normal.icdf(torch.linspace(delta, 0.5, half, dtype=torch.float64)[:-1])
-    levels = torch.cat([positive, negative, torch.zeros(1, dtype=torch.float64)])
+    host = {"dtype": torch.float64, "device": "cpu"}
+    normal = torch.distributions.Normal(torch.tensor(0.0, **host), torch.tensor(1.0, **host))
+    positive = normal.icdf(torch.linspace(delta, 0.5, half + 1, **host)[:-1])
+    negative = -normal.icdf(torch.linspace(delta, 0.5, half, **host)[:-1])
+    levels = torch.cat([positive, negative, torch.zeros(1, **host)])
     return (levels / levels.abs().max()).sort().values.float()
 
 
@@ -85,7 +94,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, block: int) -> dict[str, to
     absmax = blocks.abs().amax(1).clamp_min(1e-12)
     state = quantize_absmax(absmax)
     scale = dequantize_absmax(state).clamp_min(1e-12)  # round with the scales stored
-    levels = normal_float(bits).to(weight.device)
+    levels = normal_float(bits, weight.device)
     codes = nearest(blocks / scale[:, None], levels)
     return {"codes": pack(codes, bits), **state}
 
@@ -97,7 +106,7 @@ def dequantize_weight(
     out_features, in_features = shape
     codes = unpack(state["codes"], bits, out_features * in_features)
     absmax = dequantize_absmax(state)
-    levels = normal_float(bits).to(codes.device)
+    levels = normal_float(bits, codes.device)
     blocks = levels[codes].view(len(absmax), -1) * absmax[:, None]
     return blocks.view(out_features, in_features)
 
@@ -118,24 +127,33 @@ class DequantizedMatmul(torch.autograd.Function):
 class NFkLinear(QuantizedLinear):
     """A frozen linear map stored in NF-k: packed codes (``weight``), double-quantised absmax."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, block: int, bias: bool):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        block: int,
+        bias: bool,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.block, self.method = bits, block, f"nf{bits}"
         blocks = in_features * out_features // block
         groups = -(-blocks // DOUBLE_BLOCK)
-        self.register_buffer("weight", torch.zeros(blocks * block * bits // 8, dtype=torch.uint8))
-        self.register_buffer("absmax_codes", torch.zeros(blocks, dtype=torch.int8))
-        self.register_buffer("absmax_scale", torch.zeros(groups))
-        self.register_buffer("absmax_mean", torch.zeros(()))
-        self.bias = nn.Parameter(torch.zeros(out_features), False) if bias else None
+        packed = blocks * block * bits // 8
+        self.register_buffer("weight", torch.zeros(packed, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax_codes", torch.zeros(blocks, dtype=torch.int8, device=device))
+        self.register_buffer("absmax_scale", torch.zeros(groups, device=device))
+        self.register_buffer("absmax_mean", torch.zeros((), device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), False) if bias else None
 
     @classmethod
     def from_weight(
         cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, block: int
     ) -> NFkLinear:
         out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, bits, block, bias is not None).to(weight.device)
+        layer = cls(in_features, out_features, bits, block, bias is not None, weight.device)
         layer.load_state(quantize_weight(weight, bits, block))
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
