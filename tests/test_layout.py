@@ -12,12 +12,13 @@ LAYERS = [
     {"models"},
     {"data"},
     {"adapters"},
-    {"routers", "merge", "compress"},
+    {"routers", "merge", "compress", "quantize"},
     {"train", "mixture", "evaluate", "serve"},
     {"commands", "cli", "__init__"},
 ]
-# A compressed model is a model: load_model reads one through compress.storage (lazily).
-ALLOWED = {("models", "compress")}
+# A compressed or quantised model is a model: load_model reads one through compress.storage
+# or quantize (lazily).
+ALLOWED = {("models", "compress"), ("models", "quantize")}
 
 
 def layer_of(part: str) -> int:

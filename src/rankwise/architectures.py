@@ -18,7 +18,29 @@ from transformers.pytorch_utils import Conv1D
 
 from rankwise.errors import RankwiseError
 
-LINEAR_TYPES = (nn.Linear, Conv1D)
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear map whose weight is stored quantised (``rankwise.quantize``).
+
+    Adapters wrap it like any linear map (``in_features``, ``out_features``, a ``weight`` tensor
+    on the model's device holding the packed codes), but its weight cannot be changed in place:
+    ``dense_weight`` refuses it, which refuses merging, weight-aware inits and DoRA in one place.
+    """
+
+    in_features: int
+    out_features: int
+    method: str  # the quantiser's registered name (nf4, fp4, int8, nf3, ...)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the codes stand for, [out, in], in float32."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement dequantized")
+
+    def storage_bytes(self) -> int:
+        """Bytes the quantised weight takes: codes, scales and their own quantisation constants."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement storage_bytes")
+
+
+LINEAR_TYPES = (nn.Linear, Conv1D, QuantizedLinear)
 BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")  # model.layers.3.mlp, transformer.h.3
 BLOCK_LISTS = ("layers", "h")  # the attribute holding a model's decoder blocks
 
@@ -36,7 +58,16 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as [out, in] (a transposed view for ``Conv1D``), so it can be updated in place."""
+    """The weight as [out, in] (a transposed view for ``Conv1D``), so it can be updated in place.
+
+    A quantised base has no such weight: refused in one line that says what to do instead.
+    """
+    if isinstance(module, QuantizedLinear):
+        raise RankwiseError(
+            f"the base weight is quantised ({module.method}) and cannot be changed in place "
+            "(merging, weight-aware inits, DoRA): keep the adapter separate (--adapter), or load "
+            "the model without --quantize to merge it into the dense weights"
+        )
     return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 

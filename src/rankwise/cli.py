@@ -17,7 +17,19 @@ import transformers
 from rankwise.errors import RankwiseError
 
 # Verb modules in the order ``rankwise --help`` lists them.
-COMMANDS = ("info", "generate", "train", "eval", "mix", "merge", "compress", "serve", "demo")
+COMMANDS = (
+    "info",
+    "generate",
+    "train",
+    "eval",
+    "mix",
+    "merge",
+    "compress",
+    "quantize",
+    "compensate",
+    "serve",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,6 +50,17 @@ class ModelOptions(Options):
     device: str = option(
         "auto", "where the model runs: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps"
     )
+    quantize: str | None = option(
+        None,
+        "quantise the frozen linear layers on load (QLoRA: nf4, fp4, int8 through bitsandbytes; "
+        "nf2, nf3, nf8 rankwise's own); adapters still train in float32",
+        choices=lambda: quantized_bases(),
+    )
+    quant_block: int = option(
+        64,
+        "values per quantisation block (must divide every layer's input width)",
+        within="[8, inf)",
+    )
 
     def check(self) -> None:
         super().check()
@@ -59,7 +70,20 @@ class ModelOptions(Options):
             )
 
     def load(self) -> LoadedModel:
-        return load_model(self.model, self.dtype, self.device)
+        return load_model(
+            self.model,
+            self.dtype,
+            self.device,
+            quantize=self.quantize,
+            quant_block=self.quant_block,
+        )
+
+
+def quantized_bases() -> list[str]:
+    """The ``--quantize`` choices (``rankwise.quantize.BASES``, imported only when asked)."""
+    from rankwise.quantize import BASES
+
+    return list(BASES)
 
 
 @dataclass
@@ -178,13 +202,16 @@ def load_model(
     dtype: str = "float32",
     device: str | torch.device = "cpu",
     contiguous_head: bool = True,
+    quantize: str | None = None,
+    quant_block: int = 64,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer onto ``device``, in eval mode, every weight frozen.
 
     ``spec`` is None (the embedded default), a Hugging Face model folder or a GGUF file path;
     ``device`` is a ``torch.device`` or a spec for ``resolve_device`` (``auto``, ``cuda:1``...).
     ``contiguous_head`` adds ``contiguous_inputs`` as a forward pre-hook on the output head (see
-    there why); pass False to get the model exactly as transformers builds it.
+    there why); pass False to get the model exactly as transformers builds it. ``quantize``
+    names a base quantiser of ``rankwise.quantize.BASES`` applied on the device after loading.
     """
     target = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = resolve_dtype(dtype, target)
@@ -192,11 +219,14 @@ def load_model(
     folder = gguf_to_folder(path) if path.suffix == ".gguf" else path
     # rankwise.compress pulls in the calibration data stack: import it only when needed.
     from rankwise.compress.storage import is_compressed, load_compressed
+    from rankwise.quantize.storage import is_quantized, load_quantized
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if is_compressed(folder):
             model = load_compressed(folder, DTYPES[dtype])
+        elif is_quantized(folder):
+            model = load_quantized(folder, DTYPES[dtype])
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=DTYPES[dtype], local_files_only=True
@@ -204,6 +234,13 @@ def load_model(
     except (OSError, ValueError, RuntimeError) as err:
         raise RankwiseError(f"could not load model from '{folder}': {first_line(err)}") from err
     model.to(target).eval().requires_grad_(False)
+    if quantize is not None:
+        from rankwise.quantize import BASES, quantize_model
+
+        if quantize not in BASES:
+            raise RankwiseError(f"unknown quantize '{quantize}': choose one of {', '.join(BASES)}")
+        quantize_model(model, BASES[quantize], quant_block)
+        model.requires_grad_(False)
     head = model.get_output_embeddings()
     if contiguous_head and head is not None:
         head.register_forward_pre_hook(contiguous_inputs)

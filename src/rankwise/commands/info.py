@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from rankwise.adapters.inject import adaptable_modules, count_parameters
+from rankwise.adapters.inject import adaptable_modules
 from rankwise.architectures import linear_shape
 from rankwise.commands.options import add_options, parse_options
 from rankwise.models import ModelOptions
+from rankwise.quantize import weight_report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,12 +21,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     loaded = parse_options(args).load()
     model = loaded.model
-    _, total = count_parameters(model)
     config = model.config
+    report = weight_report(model)  # quantised layers count their weights, not their packed bytes
     print(f"model:       {loaded.name} ({config.model_type}, {type(model).__name__})")
-    print(f"parameters:  {total:,}")
+    print(f"parameters:  {report.parameters:,}")
     print(f"dtype:       {next(model.parameters()).dtype} on {loaded.device}")
     print(f"layers:      {config.num_hidden_layers}, hidden size {config.hidden_size}")
+    print(
+        f"weights:     {report.weight_bytes:,} bytes, "
+        f"{report.bits_per_parameter:.2f} bits/parameter"
+    )
+    if report.quantized_weights:
+        print(
+            f"quantised:   {report.quantized_weights:,} linear weights in "
+            f"{report.quantized_bytes:,} bytes, {report.bits_per_quantized_weight:.3f} bits/weight"
+        )
     groups: dict[tuple[str, int, int], int] = defaultdict(int)
     for name, linear in adaptable_modules(model).items():
         kind = name.rpartition(".")[2]

@@ -30,6 +30,8 @@ class Compressor(Options):
     """Base class of compression methods; every hook raises until a method overrides it."""
 
     name: ClassVar[str] = ""
+    # the one ratio a method removes by construction (2:4 pruning: 0.5); None: any ratio
+    fixed_ratio: ClassVar[float | None] = None
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ``RankwiseError`` if the method cannot compress ``model``: runs before calibrating.
@@ -103,6 +105,9 @@ def check_compressible(
         raise RankwiseError("the model is already compressed; compress the original model")
     _, layers = decoder_layers(model)
     ratios = layer_ratios(ratio, len(layers))
+    fixed = compressor.fixed_ratio
+    if fixed is not None and any(r != fixed for r in ratios):
+        raise RankwiseError(f"{compressor.name} removes exactly {fixed}: give --ratio {fixed}")
     compressor.check_model(model)
     return ratios
 

@@ -7,11 +7,12 @@ import dataclasses
 from rankwise.compress.a3 import A3
 from rankwise.compress.asvd import ASVD
 from rankwise.compress.base import Compressor
+from rankwise.compress.prune24 import Prune24
 from rankwise.compress.svd import SVD
 from rankwise.compress.svd_llm import SVDLLM
 from rankwise.errors import RankwiseError
 
-METHODS: dict[str, type[Compressor]] = {cls.name: cls for cls in (SVD, ASVD, SVDLLM, A3)}
+METHODS: dict[str, type[Compressor]] = {cls.name: cls for cls in (SVD, ASVD, SVDLLM, A3, Prune24)}
 
 
 def make_compressor(method: str, **options) -> Compressor:

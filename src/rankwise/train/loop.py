@@ -94,7 +94,9 @@ def train(
         raise RankwiseError(
             f"'{output}' already holds checkpoints: pass --resume to continue, or a new output_dir"
         )
-    loaded = load_model(config.model, config.dtype, device)
+    loaded = load_model(
+        config.model, config.dtype, device, quantize=config.quantize, quant_block=config.quant_block
+    )
     model, tokenizer = loaded.model, loaded.tokenizer
     torch.manual_seed(config.seed)
     trainable = attach(loaded, config)

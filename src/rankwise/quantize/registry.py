@@ -1,0 +1,10 @@
+"""``rankwise quantize`` methods by name: the one place a new method is registered."""
+
+from __future__ import annotations
+
+from rankwise.quantize.loftq import LoftQ
+from rankwise.quantize.method import QuantizeMethod, plain
+
+METHODS: dict[str, type[QuantizeMethod]] = {
+    cls.name: cls for cls in (plain(4), plain(3), plain(2), plain(8), LoftQ)
+}

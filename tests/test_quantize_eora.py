@@ -1,0 +1,83 @@
+"""EoRA against plain SVD of the compression error, the 2:4 pruner, ``rankwise compensate``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankwise.adapters import load_adapter
+from rankwise.cli import main
+from rankwise.compress.prune24 import prune_2_4
+from rankwise.models import load_model
+from rankwise.quantize.eora import eora_factors, svd_factors, weighted_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def anisotropic_gram(width: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, width, generator=gen) * torch.logspace(0, -2, width)  # uneven inputs
+    return (x.T @ x / 512).double()
+
+
+def test_eora_weighted_error_is_below_plain_svd_at_equal_rank():
+    delta = torch.randn(48, 64, generator=torch.Generator().manual_seed(1)).double()
+    gram = anisotropic_gram(64)
+    for rank in (2, 8, 16):
+        a, b = eora_factors(delta, gram, rank)
+        sa, sb = svd_factors(delta, rank)
+        assert a.shape == (rank, 64) and b.shape == (48, rank)
+        eora = weighted_error(delta - b @ a, gram)
+        plain = weighted_error(delta - sb @ sa, gram)
+        assert eora < 0.9 * plain
+    a, b = eora_factors(delta, gram, 48)  # full rank: the error is gone
+    assert weighted_error(delta - b @ a, gram) < 1e-8 * weighted_error(delta, gram)
+
+
+def test_eora_copes_with_a_singular_second_moment():
+    delta = torch.randn(8, 16, generator=torch.Generator().manual_seed(2)).double()
+    gram = anisotropic_gram(16)
+    gram[:, -4:] = gram[-4:, :] = 0  # inputs that never reach four columns
+    a, b = eora_factors(delta, gram, 4)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert weighted_error(delta - b @ a, gram) < weighted_error(delta, gram)
+
+
+def test_2_4_pruning_keeps_the_two_largest_of_every_four():
+    weight = torch.randn(6, 16, generator=torch.Generator().manual_seed(3))
+    pruned = weight.clone()
+    prune_2_4(pruned)
+    groups, original = pruned.view(6, 4, 4), weight.view(6, 4, 4)
+    assert ((groups == 0).sum(-1) == 2).all()
+    kept = original.abs().topk(2, dim=-1).values.sort(-1).values
+    assert torch.equal(groups.abs().topk(2, dim=-1).values.sort(-1).values, kept)
+
+
+@pytest.mark.parametrize("compressed_by", ["quantize", "prune24"])
+def test_compensate_brings_a_compressed_model_closer_to_its_original(
+    compressed_by, model_dir, tmp_path
+):
+    out = tmp_path / "compressed"
+    if compressed_by == "quantize":
+        args = ["quantize", "--method", "nf2", "--quant-block", "32"]
+    else:
+        args = ["compress", "--method", "prune24", "--ratio", "0.5"]
+    assert main([*args, "--model", str(model_dir), "-o", str(out)]) == 0
+    adapter = tmp_path / "eora"
+    calib = ["--calib", "task:reverse_words", "--samples", "4", "--seq-len", "16"]
+    compensate = ["compensate", "--model", str(out), "--reference", str(model_dir), *calib]
+    assert main([*compensate, "--rank", "8", "-o", str(adapter)]) == 0
+    tokens = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = load_model(str(model_dir)).model(tokens).logits
+        model = load_model(str(out)).model
+        before = (model(tokens).logits - dense).norm()
+        load_adapter(model, adapter)
+        after = (model(tokens).logits - dense).norm()
+    assert after < 0.8 * before
+
+
+def test_2_4_pruning_takes_only_half(model_dir, tmp_path, capsys):
+    args = ["compress", "--model", str(model_dir), "--method", "prune24", "--ratio", "0.3"]
+    assert main([*args, "-o", str(tmp_path / "out")]) == 2
+    assert "prune24 removes exactly 0.5: give --ratio 0.5" in capsys.readouterr().err
