@@ -59,5 +59,7 @@ def run_rounds(server: FedServer, datas: list[str], until: int) -> list[dict]:
             for k, d in enumerate(datas)
         ]
         updates, losses = [u for u, _ in replies], [loss for _, loss in replies]
-        lines.append(server.finish_round(number, updates, losses, [0] * len(datas), [0]))
+        lines.append(
+            server.finish_round(number, updates, losses, {"uplink_bytes": 0, "downlink_bytes": 0})
+        )
     return lines

@@ -17,7 +17,7 @@ import transformers
 from rankwise.errors import RankwiseError
 
 # Verb modules in the order ``rankwise --help`` lists them.
-COMMANDS = ("info", "generate", "train", "eval", "mix", "merge", "compress", "serve", "demo")
+COMMANDS = ("info", "generate", "train", "eval", "mix", "merge", "compress", "serve", "fed", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,6 +101,14 @@ class Method:
                 flat[f"{module}{SEP}fold{i}.B"] = b
         return flat
 
+    def from_uplink(
+        self, state: GlobalState, flat: dict[str, torch.Tensor], scale: float, weight: float
+    ) -> ClientUpdate:
+        """A client's whole update from what it sent: its trained parts over the global ones."""
+        sent = unflatten(flat)
+        parts = {module: {**ms.parts, **sent[module]} for module, ms in state.items()}
+        return ClientUpdate(parts, {module: scale for module in state}, weight)
+
     def uplink(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
         """What one client sends back: only the parts it trained."""
         return {

@@ -132,8 +132,7 @@ class FedServer:
         server_round: int,
         updates: list[ClientUpdate],
         losses: list[float],
-        uplink: list[int],
-        downlink: list[int],
+        traffic: dict[str, int],
     ) -> dict:
         """Aggregate the replies, evaluate, checkpoint; returns the round's metrics line."""
         if len(updates) < self.config.needed_replies:
@@ -150,8 +149,7 @@ class FedServer:
             "round": server_round,
             "clients": len(updates),
             "client_losses": losses,
-            "uplink_bytes": sum(uplink),
-            "downlink_bytes": sum(downlink),
+            **traffic,
             "aggregation_error": error,
             **self.evaluate(),
             "aggregate_seconds": time.perf_counter() - started,
