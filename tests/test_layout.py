@@ -13,7 +13,7 @@ LAYERS = [
     {"data"},
     {"adapters"},
     {"routers", "merge", "compress", "quantize"},
-    {"train", "mixture", "evaluate", "serve"},
+    {"train", "mixture", "evaluate", "serve", "fed"},
     {"commands", "cli", "__init__"},
 ]
 # A compressed or quantised model is a model: load_model reads one through compress.storage

@@ -28,6 +28,7 @@ COMMANDS = (
     "quantize",
     "compensate",
     "serve",
+    "fed",
     "demo",
 )
 

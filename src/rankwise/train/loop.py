@@ -82,8 +82,13 @@ def train(
     config: RunConfig,
     resume: bool = False,
     attach: Callable[[LoadedModel, RunConfig], Trainable] = LoraAdapter,
+    loaded: LoadedModel | None = None,
 ) -> TrainResult:
-    """Train what ``attach(loaded, config)`` puts on the model and write it to ``output_dir``."""
+    """Train what ``attach(loaded, config)`` puts on the model and write it to ``output_dir``.
+
+    ``loaded``: a model already in memory (a federated client reuses its cached base) instead
+    of loading ``config.model``.
+    """
     device = resolve_device(config.device)
     world = init_world(device)
     output = config.output
@@ -94,7 +99,7 @@ def train(
         raise RankwiseError(
             f"'{output}' already holds checkpoints: pass --resume to continue, or a new output_dir"
         )
-    loaded = load_model(
+    loaded = loaded or load_model(
         config.model, config.dtype, device, quantize=config.quantize, quant_block=config.quant_block
     )
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -1,0 +1,79 @@
+"""``rankwise fed``'s settings: a training run (every ``rankwise train`` key) plus the federation.
+
+``max_steps`` is each client's local optimizer steps per round; the learning-rate schedule
+restarts every round (the client's optimizer is fresh each round, as in FedIT and FLoRA).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from rankwise.errors import RankwiseError
+from rankwise.fed.registry import METHODS
+from rankwise.options import option
+from rankwise.train.config import TrainConfig
+
+PARTITION = re.compile(r"^(iid|task|dirichlet:(\d+(\.\d*)?|\.\d+))$")
+PLAIN_INITS = ("init_a", "init_b", "gaussian")
+
+
+@dataclass
+class FedConfig(TrainConfig):
+    """A federated run: which aggregation, how many clients and rounds, how data is split."""
+
+    method: str = option("fedsb", "aggregation method", choices=lambda: list(METHODS))
+    clients: int = option(2, "number of clients (simulated SuperNodes)", within="[1, inf)")
+    rounds: int = option(3, "federated rounds", within="[1, inf)")
+    partition: str = option(
+        "iid",
+        "how the data is split over the clients: iid, dirichlet:ALPHA (by task) or task "
+        "(one task per client), by flwr-datasets' partitioners",
+    )
+    client_ranks: list[int] = option(
+        [], "flora: client k trains rank client_ranks[k mod len] (empty: r for everyone)"
+    )
+    min_clients: int = option(
+        0,
+        "replies a round needs to aggregate (0: all clients); fewer replies and the round "
+        "fails, more failures are tolerated",
+        within="[0, inf)",
+    )
+    fedsb_init_batches: int = option(
+        2, "fedsb: batches of each client's gradient estimate for the SVD init", within="[1, inf)"
+    )
+    eval_records: int = option(
+        16, "validation prompts per task scored by exact match each round", within="[0, inf)"
+    )
+    round_timeout: float = option(3600.0, "seconds the server waits for a round's replies")
+
+    def check(self) -> None:
+        super().check()
+        if not PARTITION.match(self.partition):
+            raise RankwiseError(
+                f"partition must be iid, task or dirichlet:ALPHA, got '{self.partition}'"
+            )
+        if self.use_dora:
+            raise RankwiseError(
+                "federated runs train plain LoRA factors: use_dora is not supported"
+            )
+        if self.init not in PLAIN_INITS:
+            raise RankwiseError(
+                f"federated runs start every client from the same factors: init must be one of "
+                f"{', '.join(PLAIN_INITS)}, not {self.init}"
+            )
+        if self.client_ranks and self.method != "flora":
+            raise RankwiseError("client_ranks (mixed ranks) needs method flora, which stacks them")
+        if self.min_clients > self.clients:
+            raise RankwiseError(f"min_clients {self.min_clients} exceeds clients {self.clients}")
+
+    def client_rank(self, partition_id: int) -> int:
+        return (
+            self.client_ranks[partition_id % len(self.client_ranks)]
+            if self.client_ranks
+            else self.r
+        )
+
+    @property
+    def needed_replies(self) -> int:
+        return self.min_clients or self.clients
