@@ -332,3 +332,32 @@ def help_line(f: dataclasses.Field) -> str:
     if f.metadata.get("within"):
         extra += f"; within {f.metadata['within']}"
     return f"{f.metadata.get('help', f.name)} ({extra})".replace("%", "%%")
+
+
+class MethodSettings:
+    """For a verb whose ``method`` picks an entry of a registry of ``Options`` classes: every
+    entry's settings are flat flags and YAML keys, gathered into the verb's ``settings`` (a
+    setting of another method is an error). Put it before the ``Options`` base."""
+
+    @classmethod
+    def methods(cls) -> Mapping[str, type[Options]]:
+        """The registry the ``method`` field chooses from."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> Self:
+        own, settings = method_settings(
+            values, cls.__dataclass_fields__, cls.methods(), values.get("method"), "method"
+        )
+        return super().from_mapping({**own, "settings": settings}, source)
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -> None:
+        super().add_flags(parser, skip)
+        add_method_flags(parser, cls.methods())
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, config_file: str | None = None) -> Self:
+        values = load_yaml(config_file) if config_file else {}
+        values |= cls.values_from_args(args) | method_values_from_args(args, cls.methods())
+        return cls.from_mapping(values, config_file or "flags")

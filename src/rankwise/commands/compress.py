@@ -11,20 +11,13 @@ from rankwise.commands.options import add_options, parse_options
 from rankwise.compress import METHODS, compress, save_compressed
 from rankwise.compress.calibration import DEFAULT_DATA
 from rankwise.compress.storage import check_output_folder
-from rankwise.configfile import load_yaml
 from rankwise.errors import RankwiseError
 from rankwise.models import ModelOptions
-from rankwise.options import (
-    add_method_flags,
-    flagless,
-    method_settings,
-    method_values_from_args,
-    option,
-)
+from rankwise.options import MethodSettings, Options, flagless, option
 
 
 @dataclass
-class CompressOptions(ModelOptions):
+class CompressOptions(MethodSettings, ModelOptions):
     """``rankwise compress``: the method, how much to remove, the calibration data, the output.
 
     The method's own settings (``damping``, ``alpha``, ``components``, ...) are flat keys and
@@ -52,22 +45,8 @@ class CompressOptions(ModelOptions):
                 raise RankwiseError(f"give the {name} to compress with ({flag})")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> CompressOptions:
-        own, settings = method_settings(
-            values, cls.__dataclass_fields__, METHODS, values.get("method"), "method"
-        )
-        return super().from_mapping({**own, "settings": settings}, source)
-
-    @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser, skip=()) -> None:
-        super().add_flags(parser, skip)
-        add_method_flags(parser, METHODS)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, config_file: str | None = None):
-        values = load_yaml(config_file) if config_file else {}
-        values |= cls.values_from_args(args) | method_values_from_args(args, METHODS)
-        return cls.from_mapping(values, config_file or "flags")
+    def methods(cls) -> Mapping[str, type[Options]]:
+        return METHODS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -9,23 +9,16 @@ from typing import Any
 
 from rankwise.adapters.peft_format import LoraWeights
 from rankwise.commands.options import add_options, parse_options
-from rankwise.configfile import load_yaml
 from rankwise.errors import RankwiseError
 from rankwise.models import ModelOptions
-from rankwise.options import (
-    add_method_flags,
-    flagless,
-    method_settings,
-    method_values_from_args,
-    option,
-)
+from rankwise.options import MethodSettings, Options, flagless, option
 from rankwise.quantize import weight_report
 from rankwise.quantize.registry import METHODS
 from rankwise.quantize.storage import ADAPTER, save_quantized
 
 
 @dataclass
-class QuantizeOptions(ModelOptions):
+class QuantizeOptions(MethodSettings, ModelOptions):
     """``rankwise quantize``: the method, its settings (flat flags), the block size, the output."""
 
     method: str | None = option(None, "quantisation method", choices=lambda: list(METHODS))
@@ -41,22 +34,8 @@ class QuantizeOptions(ModelOptions):
                 raise RankwiseError(f"give the {name} to quantize with ({flag})")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> QuantizeOptions:
-        own, settings = method_settings(
-            values, cls.__dataclass_fields__, METHODS, values.get("method"), "method"
-        )
-        return super().from_mapping({**own, "settings": settings}, source)
-
-    @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser, skip=()) -> None:
-        super().add_flags(parser, skip)
-        add_method_flags(parser, METHODS)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, config_file: str | None = None):
-        values = load_yaml(config_file) if config_file else {}
-        values |= cls.values_from_args(args) | method_values_from_args(args, METHODS)
-        return cls.from_mapping(values, config_file or "flags")
+    def methods(cls) -> Mapping[str, type[Options]]:
+        return METHODS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -8,7 +8,6 @@ data (``calib``, one source per adapter).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ from typing import Any
 
 from rankwise.adapters import read_adapter, write_adapter
 from rankwise.adapters.lori import read_lori_record
-from rankwise.configfile import load_yaml
 from rankwise.errors import RankwiseError
 from rankwise.merge.api import MergeResult, check_grams, merge_adapters, method_named
 from rankwise.merge.calibration import merge_layer_by_layer, task_grams
@@ -24,13 +22,7 @@ from rankwise.merge.interference import InterferenceReport, interference
 from rankwise.merge.learned import OBJECTIVES, learn_coefficients
 from rankwise.merge.registry import METHODS
 from rankwise.models import ModelOptions
-from rankwise.options import (
-    add_method_flags,
-    flagless,
-    method_settings,
-    method_values_from_args,
-    option,
-)
+from rankwise.options import MethodSettings, Options, flagless, option
 
 
 def method_options() -> dict[str, type]:
@@ -39,7 +31,7 @@ def method_options() -> dict[str, type]:
 
 
 @dataclass
-class MergeConfig(ModelOptions):
+class MergeConfig(MethodSettings, ModelOptions):
     """One merge: which adapter folders, how, and where the merged adapter goes."""
 
     adapters: list[str] = option([], "PEFT adapter folders to merge")
@@ -104,22 +96,8 @@ class MergeConfig(ModelOptions):
             check_grams(merger, self.method, self.adapters, calib)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> MergeConfig:
-        own, settings = method_settings(
-            values, cls.__dataclass_fields__, method_options(), values.get("method"), "method"
-        )
-        return super().from_mapping({**own, "settings": settings}, source)
-
-    @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser, skip=()) -> None:
-        super().add_flags(parser, skip)
-        add_method_flags(parser, method_options())
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, config_file: str | None = None) -> MergeConfig:
-        values = load_yaml(config_file) if config_file else {}
-        values |= cls.values_from_args(args) | method_values_from_args(args, method_options())
-        return cls.from_mapping(values, config_file or "flags")
+    def methods(cls) -> Mapping[str, type[Options]]:
+        return method_options()
 
 
 def run_merge(config: MergeConfig) -> MergeResult:
