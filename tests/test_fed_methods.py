@@ -156,3 +156,16 @@ def test_fedsb_init_takes_the_gradient_svd():
     projection = ms.parts["B"] @ ms.parts["B"].T @ gradient @ ms.parts["A"].T @ ms.parts["A"]
     assert torch.allclose(projection, gradient, atol=1e-5)
     assert torch.count_nonzero(ms.parts["R"]) == 0
+
+
+def test_fed_verbs_say_how_to_install_flower(monkeypatch, capsys):
+    import importlib.util
+
+    from rankwise.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else real(name, *a)
+    )
+    assert main(["fed", "simulate", "--clients", "2"]) == 2
+    assert "pip install 'rankwise[fed]'" in capsys.readouterr().err

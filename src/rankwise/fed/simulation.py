@@ -11,6 +11,7 @@ come from node-local paths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -86,20 +87,50 @@ def wait_healthy(process: subprocess.Popen, port: int, log: Path, seconds: float
     raise RankwiseError(f"the SuperLink did not answer on 127.0.0.1:{port}; see {log}")
 
 
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process group we started, then SIGKILL whatever is left after 10 s."""
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (read from /proc; Ray starts some in their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        state = (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def stop_group(process: subprocess.Popen, seconds: float = 15) -> None:
+    """Stop the SuperLink we started and every process below it: SIGTERM to its group and to
+    each descendant by pid, SIGKILL to what is left after ``seconds``."""
+    below = descendants(process.pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        for pid in below:
+            if alive(pid):  # never signal a pid that has already gone (it may be reused)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and (
+            process.poll() is None or any(alive(pid) for pid in below)
+        ):
+            time.sleep(0.1)
+        if process.poll() is not None and not any(alive(pid) for pid in below):
+            break
     process.wait()
 
 
