@@ -145,27 +145,39 @@ def save_compressed(
     return config is not None
 
 
-def is_compressed(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a model in rankwise's compressed format (not a plain HF model)."""
+def holds_format(folder: str | Path, model_type: str) -> bool:
+    """Whether ``folder``'s config.json names one of rankwise's own model formats."""
     path = Path(folder) / "config.json"
     try:
-        return json.loads(path.read_text()).get("model_type") == MODEL_TYPE
+        return json.loads(path.read_text()).get("model_type") == model_type
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def is_compressed(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a model in rankwise's compressed format (not a plain HF model)."""
+    return holds_format(folder, MODEL_TYPE)
+
+
+def base_of_record(folder: Path, kind: str, version: int) -> tuple[dict, PreTrainedModel]:
+    """The folder's record and a fresh base model built from its ``base_config`` (real tensors:
+    non-persistent buffers such as RoPE's inv_freq are made in __init__); the record's
+    ``format_version`` must be ``version`` (``kind`` names the format in the error)."""
+    meta = json.loads((folder / "config.json").read_text())
+    if meta.get("format_version") != version:
+        raise RankwiseError(
+            f"'{folder}' holds {kind} format {meta.get('format_version')}; "
+            f"this rankwise reads format {version}"
+        )
+    base = dict(meta["base_config"])
+    config = AutoConfig.for_model(base.pop("model_type"), **base)
+    return meta, AutoModelForCausalLM.from_config(config)
 
 
 def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Rebuild a compressed model from ``folder`` (eval mode, every weight frozen)."""
     folder = Path(folder)
-    meta = json.loads((folder / "config.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise RankwiseError(
-            f"'{folder}' holds compressed-model format {meta.get('format_version')}; "
-            f"this rankwise reads format {FORMAT_VERSION}"
-        )
-    base = dict(meta["base_config"])
-    config = AutoConfig.for_model(base.pop("model_type"), **base)
-    model = AutoModelForCausalLM.from_config(config)
+    meta, model = base_of_record(folder, "compressed-model", FORMAT_VERSION)
     for name, entry in meta["modules"].items():
         model.set_submodule(name, build_module(entry, model.get_submodule(name)))
     try:

@@ -18,8 +18,6 @@ import torch
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
     GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -27,6 +25,7 @@ from transformers import (
 
 from rankwise.adapters.peft_format import LoraWeights, write_adapter
 from rankwise.atomic import atomic_folder
+from rankwise.compress.storage import base_of_record, holds_format
 from rankwise.errors import RankwiseError
 from rankwise.quantize.nfk import NFkLinear
 
@@ -89,26 +88,13 @@ def save_quantized(
 
 def is_quantized(folder: str | Path) -> bool:
     """Whether ``folder`` holds a model in rankwise's quantised format."""
-    try:
-        meta = json.loads((Path(folder) / "config.json").read_text())
-        return meta.get("model_type") == MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
-        return False
+    return holds_format(folder, MODEL_TYPE)
 
 
 def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Rebuild a quantised model (eval mode, frozen); NF-k layers keep float32 constants."""
     folder = Path(folder)
-    meta = json.loads((folder / "config.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise RankwiseError(
-            f"'{folder}' holds quantised-model format {meta.get('format_version')}; "
-            f"this rankwise reads format {FORMAT_VERSION}"
-        )
-    base = dict(meta["base_config"])
-    config = AutoConfig.for_model(base.pop("model_type"), **base)
-    # Built for real, not on meta: non-persistent buffers (RoPE's inv_freq) are made in __init__.
-    model = AutoModelForCausalLM.from_config(config)
+    meta, model = base_of_record(folder, "quantised-model", FORMAT_VERSION)
     for name, e in meta["layers"].items():
         layer = NFkLinear(e["in_features"], e["out_features"], e["bits"], e["block"], e["bias"])
         model.set_submodule(name, layer)
