@@ -1,7 +1,7 @@
 """Fine-tuning on the embedded model: per-task quality, and training speed against HF PEFT.
 
     python bench/finetune.py quality [--tasks all] [--steps 200] [--out runs/task-adapters]
-    python bench/finetune.py speed [--steps 20]
+    python bench/finetune.py speed [--steps 20] [--repeats 3]
 
 ``quality`` trains one rank-16 adapter per built-in task (--dtype base, fp32 adapters) and reports
 the base model's and the adapter's exact match on the task's test split; the adapters stay in
@@ -34,6 +34,7 @@ from rankwise.train import TrainConfig, train  # noqa: E402
 from rankwise.train.distributed import World  # noqa: E402
 from rankwise.train.examples import batch_indices, build_examples, label_tokens  # noqa: E402
 from rankwise.train.loss import summed_loss, validation_loss  # noqa: E402
+from rankwise.train.schedule import learning_rate  # noqa: E402
 
 SPEED = dict(
     data="corpus:python-docs",
@@ -96,7 +97,7 @@ def quality(args: argparse.Namespace) -> None:
 
 def peft_worker(steps: int, use_dora: bool) -> dict:
     """PEFT's LoRA (or DoRA) under the same loop as rankwise's: same batches, loss, optimizer,
-    clipping."""
+    learning-rate schedule, clipping."""
     from peft import LoraConfig, get_peft_model
 
     loaded = load_model()
@@ -114,6 +115,10 @@ def peft_worker(steps: int, use_dora: bool) -> dict:
     inner.train()
     tokens, start = 0, time.perf_counter()
     for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(
+                step, config.lr, config.warmup_steps, config.max_steps, config.schedule
+            )
         batch = [examples[i] for i in batch_indices(step, config.batch_size, len(examples), 0)]
         chunk = collate(batch, loaded.tokenizer.pad_token_id)
         (summed_loss(inner, chunk) / label_tokens(batch)).backward()
@@ -143,6 +148,11 @@ def rankwise_worker(steps: int, dtype: str, out: str, use_dora: bool) -> dict:
     }
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median speed (its own loss and memory with it)."""
+    return sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2]
+
+
 def speed(args: argparse.Namespace) -> None:
     variants = {
         "rankwise fp32": "float32",
@@ -151,16 +161,18 @@ def speed(args: argparse.Namespace) -> None:
         "rankwise DoRA fp32": "dora",
         "HF PEFT DoRA fp32": "peft-dora",
     }
-    results = {}
-    for name, variant in variants.items():
-        out = subprocess.run(
-            [sys.executable, __file__, "worker", variant, str(args.steps)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
-        print(name, results[name], flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every variant
+        for name, variant in variants.items():
+            out = subprocess.run(
+                [sys.executable, __file__, "worker", variant, str(args.steps)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+            print(name, runs[name][-1], flush=True)
+    results = {name: median_run(done) for name, done in runs.items()}
     peft_speed = results["HF PEFT fp32"]["tokens_per_s"]
     dora = results["rankwise DoRA fp32"]["tokens_per_s"]
     dora_ratio = dora / results["rankwise fp32"]["tokens_per_s"]
@@ -186,7 +198,7 @@ def speed(args: argparse.Namespace) -> None:
             f"## Training speed (`bench/finetune.py speed`)\n\nMachine: {machine()}. Model: "
             f"{DEFAULT_MODEL}, LoRA r=16 α=32 on all linear layers, packed Python docs, "
             f"batch 4 × 256 tokens, {args.steps} steps of AdamW, each variant in its own "
-            f"process.\n\n{table}\n\n"
+            f"process, {args.repeats} interleaved rounds, the median round shown.\n\n{table}\n\n"
             f"DoRA: rankwise's at {dora_ratio:.2f}× its LoRA's tokens/s and "
             f"{dora_vs_peft:.2f}× PEFT's DoRA (targets ≥ 0.85× and ≥ 1.3×).\n\n"
             "Target: rankwise bf16-base ≥ 2× PEFT fp32 tokens/s, validation loss within 2% of "
@@ -221,6 +233,7 @@ def main() -> None:
     q.add_argument("--dtype", default="auto", help="base dtype (auto: bf16 where native)")
     s = sub.add_parser("speed")
     s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median shown)")
     args = parser.parse_args()
     quality(args) if args.part == "quality" else speed(args)
 
