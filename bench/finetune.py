@@ -19,22 +19,18 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_section  # noqa: E402
+from common import machine, markdown_table, train_peft, write_section  # noqa: E402
 
-from rankwise.data import TASKS, collate, get_task  # noqa: E402
+from rankwise.data import TASKS, get_task  # noqa: E402
 from rankwise.evaluate.accuracy import exact_match  # noqa: E402
 from rankwise.models import DEFAULT_MODEL, load_model  # noqa: E402
 from rankwise.train import TrainConfig, train  # noqa: E402
 from rankwise.train.distributed import World  # noqa: E402
-from rankwise.train.examples import batch_indices, build_examples, label_tokens  # noqa: E402
-from rankwise.train.loss import summed_loss, validation_loss  # noqa: E402
-from rankwise.train.schedule import learning_rate  # noqa: E402
+from rankwise.train.examples import build_examples  # noqa: E402
+from rankwise.train.loss import validation_loss  # noqa: E402
 
 SPEED = dict(
     data="corpus:python-docs",
@@ -96,37 +92,14 @@ def quality(args: argparse.Namespace) -> None:
 
 
 def peft_worker(steps: int, use_dora: bool) -> dict:
-    """PEFT's LoRA (or DoRA) under the same loop as rankwise's: same batches, loss, optimizer,
-    learning-rate schedule, clipping."""
-    from peft import LoraConfig, get_peft_model
+    """PEFT's LoRA (or DoRA) under rankwise's loop (``common.train_peft``)."""
+    from peft import LoraConfig
 
     loaded = load_model()
     config = TrainConfig.from_mapping({**SPEED, "max_steps": steps})
-    torch.manual_seed(0)
-    peft = get_peft_model(
-        loaded.model,
-        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=use_dora),
-    )
-    inner = peft.base_model.model
-    examples, _ = build_examples(config.data, loaded.tokenizer, config, "train", World())
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=use_dora)
+    inner, speed = train_peft(loaded, config, lora)
     val, _ = build_examples(config.data, loaded.tokenizer, config, "validation", World())
-    params = [p for p in peft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
-    inner.train()
-    tokens, start = 0, time.perf_counter()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(
-                step, config.lr, config.warmup_steps, config.max_steps, config.schedule
-            )
-        batch = [examples[i] for i in batch_indices(step, config.batch_size, len(examples), 0)]
-        chunk = collate(batch, loaded.tokenizer.pad_token_id)
-        (summed_loss(inner, chunk) / label_tokens(batch)).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += int(chunk["attention_mask"].sum())
-    speed = tokens / (time.perf_counter() - start)
     return {
         "tokens_per_s": speed,
         "val_loss": validation_loss(inner, val[:8], 4, loaded.tokenizer.pad_token_id, World()),
