@@ -14,7 +14,6 @@ the compressed model), or the one-line refusal. Writes the table into docs/bench
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -25,7 +24,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from architectures import ARCHITECTURES, save_tiny_model, tiny_model, word_tokenizer  # noqa: E402
+from architectures import (  # noqa: E402
+    ARCHITECTURES,
+    save_tiny_model,
+    tiny_model,
+    train_tiny,
+    word_tokenizer,
+)
 from common import machine, markdown_table, write_section  # noqa: E402
 from peft import LoraConfig as PeftLoraConfig  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
@@ -38,7 +43,6 @@ from rankwise.errors import RankwiseError  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
 from rankwise.serve.engine import Engine, EngineConfig  # noqa: E402
 from rankwise.serve.requests import GenerationRequest  # noqa: E402
-from rankwise.train import TrainConfig, train  # noqa: E402
 
 TOKENS = torch.randint(3, 60, (2, 16), generator=torch.Generator().manual_seed(0))
 PROMPTS = [[1, 5, 6], [1, *range(10, 22)], [1, *range(30, 50)]]
@@ -58,28 +62,7 @@ def random_lora(arch: str, dora: bool = False, seed: int = 1) -> torch.nn.Module
 
 
 def trains(arch: str, folder: Path) -> str:
-    data = folder / "data.jsonl"
-    records = [{"prompt": f"w{i} w{i + 3}", "completion": "w7 w8"} for i in range(16)]
-    data.write_text("".join(json.dumps(record) + "\n" for record in records))
-    config = TrainConfig.from_mapping(
-        dict(
-            model=str(save_tiny_model(arch, folder / "model")),
-            data=str(data),
-            output_dir=str(folder / "run"),
-            r=4,
-            max_steps=8,
-            batch_size=8,
-            lr=2e-2,
-            warmup_steps=1,
-            eval_every=0,
-            save_every=0,
-            log_every=1,
-            seq_len=32,
-        )
-    )
-    train(config)
-    lines = (folder / "run" / "metrics.jsonl").read_text().splitlines()
-    losses = [json.loads(line)["loss"] for line in lines]
+    _, losses = train_tiny(arch, folder, steps=8)
     return f"{losses[0]:.2f} → {losses[-1]:.2f}"
 
 

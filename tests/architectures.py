@@ -9,6 +9,7 @@ Sliding windows are 8 tokens, so a prompt of a dozen tokens already runs past th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+from rankwise.train import TrainConfig, TrainResult, train
 
 VOCAB = 128
 WINDOW = 8  # sliding window of Mistral and Gemma2
@@ -122,3 +125,30 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
     tiny_model(arch, seed).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+def train_tiny(arch: str, folder: Path, steps: int) -> tuple[TrainResult, list[float]]:
+    """LoRA r=4 on every linear layer of a saved ``tiny_model(arch)``, trained ``steps`` steps
+    on 16 word pairs: the result and the logged loss per step."""
+    data = folder / "data.jsonl"
+    records = [{"prompt": f"w{i} w{i + 3}", "completion": "w7 w8"} for i in range(16)]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    config = TrainConfig.from_mapping(
+        dict(
+            model=str(save_tiny_model(arch, folder / "model")),
+            data=str(data),
+            output_dir=str(folder / "run"),
+            r=4,
+            max_steps=steps,
+            batch_size=8,
+            lr=2e-2,
+            warmup_steps=1,
+            eval_every=0,
+            save_every=0,
+            log_every=1,
+            seq_len=32,
+        )
+    )
+    result = train(config)
+    lines = (folder / "run" / "metrics.jsonl").read_text().splitlines()
+    return result, [json.loads(line)["loss"] for line in lines]

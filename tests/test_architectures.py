@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from architectures import ARCHITECTURES, save_tiny_model, tiny_model
+from architectures import ARCHITECTURES, tiny_model, train_tiny
 
 from rankwise.adapters import (
     LoraConfig,
@@ -29,7 +29,6 @@ from rankwise.adapters import (
 from rankwise.architectures import block_index
 from rankwise.data import collate
 from rankwise.mixture import build_mixture
-from rankwise.train import TrainConfig, train
 from rankwise.train.loss import summed_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,30 +51,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_all_linear_lora_trains_saves_and_loads_back(arch, tmp_path):
-    folder = save_tiny_model(arch, tmp_path / "model")
-    data = tmp_path / "data.jsonl"
-    with data.open("w") as file:
-        for i in range(16):
-            file.write(json.dumps({"prompt": f"w{i} w{i + 3}", "completion": "w7 w8"}) + "\n")
-    config = TrainConfig.from_mapping(
-        dict(
-            model=str(folder),
-            data=str(data),
-            output_dir=str(tmp_path / "run"),
-            r=4,
-            max_steps=6,
-            batch_size=8,
-            lr=2e-2,
-            warmup_steps=1,
-            eval_every=0,
-            save_every=0,
-            log_every=1,
-            seq_len=32,
-        )
-    )
-    result = train(config)
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    losses = [json.loads(line)["loss"] for line in lines]
+    result, losses = train_tiny(arch, tmp_path, steps=6)
     assert losses[-1] < losses[0]
     kinds = {name.rpartition(".")[2] for name in expert_layers(result.model)}
     expected = {
