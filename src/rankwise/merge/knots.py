@@ -33,27 +33,36 @@ def aligned(cores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u, blocks
 
 
-class KnotsTiesMerge(CoreMerge):
-    """TIES on the aligned blocks: trim, elect sign, disjoint mean."""
+class KnotsMerge(CoreMerge):
+    """Sparsify the aligned blocks (by the subclass's rule), elect signs, take the disjoint mean."""
 
     uses_density = True
+    default_density: float
+
+    def sparsify(self, blocks: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
 
     def combine(
         self, cores: torch.Tensor, options: MergeOptions, gen: torch.Generator
     ) -> torch.Tensor:
-        density = TIES_DENSITY if options.density is None else options.density
+        density = self.default_density if options.density is None else options.density
         u, blocks = aligned(cores)
-        return u @ disjoint_mean(trim(blocks, density))
+        return u @ disjoint_mean(self.sparsify(blocks, density, gen))
 
 
-class KnotsDareTiesMerge(CoreMerge):
-    """DARE's drop and rescale on the aligned blocks, then TIES's election and disjoint mean."""
+class KnotsTiesMerge(KnotsMerge):
+    """TIES on the aligned blocks: trim each to its top entries."""
 
-    uses_density = True
+    default_density = TIES_DENSITY
 
-    def combine(
-        self, cores: torch.Tensor, options: MergeOptions, gen: torch.Generator
-    ) -> torch.Tensor:
-        density = DARE_DENSITY if options.density is None else options.density
-        u, blocks = aligned(cores)
-        return u @ disjoint_mean(drop_and_rescale(blocks, density, gen))
+    def sparsify(self, blocks: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+        return trim(blocks, density)
+
+
+class KnotsDareTiesMerge(KnotsMerge):
+    """DARE on the aligned blocks: drop entries at random and rescale the rest."""
+
+    default_density = DARE_DENSITY
+
+    def sparsify(self, blocks: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+        return drop_and_rescale(blocks, density, gen)
