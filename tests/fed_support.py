@@ -42,8 +42,11 @@ def tiny_config(tmp_path: Path, model_dir: Path, **values) -> FedConfig:
     return FedConfig.from_mapping(settings | values)
 
 
-def run_rounds(server: FedServer, datas: list[str], until: int) -> list[dict]:
-    """Rounds after the server's last one up to ``until``, every client trained in turn."""
+def run_rounds(
+    server: FedServer, datas: list[str], until: int, lost: type[Exception] | tuple = ()
+) -> list[dict]:
+    """Rounds after the server's last one up to ``until``, every client trained in turn; a
+    client raising ``lost`` is a failed reply (as Flower counts a ClientApp that raised)."""
     config, loaded, method = server.config, server.loaded, server.method
     if server.round == 0:
         state = initial_state(loaded, config, method)
@@ -54,12 +57,17 @@ def run_rounds(server: FedServer, datas: list[str], until: int) -> list[dict]:
         server.set_state(state)
     lines = []
     for number in range(server.round + 1, until + 1):
-        replies = [
-            local_round(loaded, config, method, server.state, d, k, number)
-            for k, d in enumerate(datas)
-        ]
+        replies = []
+        for k, data in enumerate(datas):
+            try:
+                replies.append(local_round(loaded, config, method, server.state, data, k, number))
+            except lost:
+                continue
         updates, losses = [u for u, _ in replies], [loss for _, loss in replies]
-        lines.append(
-            server.finish_round(number, updates, losses, {"uplink_bytes": 0, "downlink_bytes": 0})
-        )
+        traffic = {
+            "uplink_bytes": 0,
+            "downlink_bytes": 0,
+            "failed_replies": len(datas) - len(replies),
+        }
+        lines.append(server.finish_round(number, updates, losses, traffic))
     return lines
