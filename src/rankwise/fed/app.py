@@ -122,7 +122,7 @@ class RankwiseStrategy(FedAvg):
         self.downlink_bytes = record["arrays"].count_bytes()
         self.downlink_analytic = payload_bytes(payload)
         if server.method.name == "fedsb" and self.first:
-            frozen = {f"{m}|{p}": ms.parts[p] for m, ms in server.state.items() for p in "AB"}
+            frozen = server.method.frozen(server.state)
             record[FROZEN_KEY] = ArrayRecord(fp32(frozen))
             self.downlink_bytes += record[FROZEN_KEY].count_bytes()
             self.downlink_analytic += payload_bytes(frozen)
