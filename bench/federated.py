@@ -52,6 +52,7 @@ def training(args: argparse.Namespace, folder: Path) -> dict:
     return {
         "data": "task:all",
         "train_examples": args.examples,
+        "eval_examples": args.eval,  # the validation loss's examples per task
         "r": 8,
         "lora_alpha": 16.0,
         "target_modules": "all-linear",

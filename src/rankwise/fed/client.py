@@ -160,7 +160,7 @@ def local_round(
     """Train one round on this client's data; returns its update and final train loss."""
     with tempfile.TemporaryDirectory(prefix="rankwise-fed-client-") as folder:
         local = client_config(config, partition_id, server_round, data, Path(folder) / "run")
-        scores = block_scores(loaded, local, state, data)
+        scores = module_scores(loaded, local, state, data)
         lora = method.local_lora(local, partition_id, list(state), scores)
         made: list[FedAdapter] = []
 
@@ -192,7 +192,7 @@ def initial_state(loaded: LoadedModel, config: FedConfig, method: Method) -> Glo
     return state
 
 
-def block_scores(loaded: LoadedModel, config: FedConfig, state: GlobalState, data: str) -> Scores:
+def module_scores(loaded: LoadedModel, config: FedConfig, state: GlobalState, data: str) -> Scores:
     """Each module's squared gradient norm ‖∂L/∂W‖² at the global model (its trained factors
     folded into the base too), measured only when called (hello's Fisher pattern)."""
 
