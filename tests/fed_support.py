@@ -1,4 +1,4 @@
-"""What the federated tests share: word data for the tiny model and rounds run in-process."""
+"""What the federated tests share: word data for the tiny model, its config, in-process rounds."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 import random
 from pathlib import Path
 
-from rankwise.fed.client import gradient_estimate, initial_state, local_round
 from rankwise.fed.config import FedConfig
-from rankwise.fed.fedsb import fedsb_init
-from rankwise.fed.server import FedServer
+from rankwise.fed.sequential import run_rounds
+
+__all__ = ["run_rounds", "tiny_config", "word_data"]
 
 
 def word_data(path: Path, n: int, seed: int) -> str:
@@ -40,26 +40,3 @@ def tiny_config(tmp_path: Path, model_dir: Path, **values) -> FedConfig:
         "rounds": 2,
     }
     return FedConfig.from_mapping(settings | values)
-
-
-def run_rounds(server: FedServer, datas: list[str], until: int) -> list[dict]:
-    """Rounds after the server's last one up to ``until``, every client trained in turn."""
-    config, loaded, method = server.config, server.loaded, server.method
-    if server.round == 0:
-        state = initial_state(loaded, config, method)
-        if method.name == "fedsb":
-            grads = [gradient_estimate(loaded, config, d, config.fedsb_init_batches) for d in datas]
-            scale = next(iter(state.values())).scale
-            state = fedsb_init(grads, [1.0] * len(datas), config.r, scale)
-        server.set_state(state)
-    lines = []
-    for number in range(server.round + 1, until + 1):
-        replies = [
-            local_round(loaded, config, method, server.state, d, k, number)
-            for k, d in enumerate(datas)
-        ]
-        updates, losses = [u for u, _ in replies], [loss for _, loss in replies]
-        lines.append(
-            server.finish_round(number, updates, losses, {"uplink_bytes": 0, "downlink_bytes": 0})
-        )
-    return lines

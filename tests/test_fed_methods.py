@@ -169,3 +169,15 @@ def test_fed_verbs_say_how_to_install_flower(monkeypatch, capsys):
     )
     assert main(["fed", "simulate", "--clients", "2"]) == 2
     assert "pip install 'rankwise[fed]'" in capsys.readouterr().err
+
+
+def test_example_fed_config_gives_one_client_per_task():
+    from pathlib import Path
+
+    from rankwise.configfile import load_yaml
+    from rankwise.data.tasks import TASKS
+    from rankwise.fed.config import FedConfig
+
+    root = Path(__file__).resolve().parent.parent
+    config = FedConfig.from_mapping(load_yaml(root / "examples" / "fed.yaml"))
+    assert config.partition == "task" and config.clients == len(TASKS)

@@ -13,12 +13,19 @@ carries everything a client needs to rebuild the global model: the folded pairs 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from rankwise.errors import RankwiseError
+
+if TYPE_CHECKING:
+    from rankwise.adapters import LoraConfig
+    from rankwise.fed.config import FedConfig
+
+Scores = Callable[[], dict[str, float]]  # module -> importance, measured on demand (a gradient)
 
 SEP = "|"  # module|part: the flat names that travel (module names hold dots, never a bar)
 
@@ -47,6 +54,21 @@ class ModuleState:
     def delta(self, zeros: torch.Tensor) -> torch.Tensor:
         """The whole update W - W0 ([out, in], added to ``zeros``)."""
         return self.folded_delta(zeros) + self.trained_delta(zeros)
+
+    def whole(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every pair of the module as folded (A, B·s) pairs, the trained factors included."""
+        if not self.parts:
+            return list(self.folded)
+        middle = self.parts["B"] @ self.parts["R"] if "R" in self.parts else self.parts["B"]
+        return [*self.folded, (self.parts["A"], self.scale * middle)]
+
+    def truncated(self, rank: int) -> ModuleState:
+        """The module as a client of rank ``rank`` receives it: the first ``rank`` rows of A,
+        columns of B (and block of R); the same module where the rank is the global one."""
+        cut = {"A": (slice(rank),), "B": (slice(None), slice(rank)), "R": (slice(rank),) * 2}
+        return ModuleState(
+            {k: v[cut[k]] for k, v in self.parts.items()}, self.scale, list(self.folded)
+        )
 
 
 GlobalState = dict[str, ModuleState]  # module name -> its state
@@ -90,6 +112,18 @@ class Method:
         """Whether clients start each round from a fresh adapter on the folded base (FLoRA)."""
         return False
 
+    def global_lora(self, config: FedConfig, modules: list[str]) -> LoraConfig:
+        """The global adapter on the targeted ``modules``: the run's LoRA settings (legend sets a
+        rank per module)."""
+        return config.lora()
+
+    def local_lora(
+        self, config: FedConfig, partition_id: int, modules: list[str], scores: Scores
+    ) -> LoraConfig:
+        """What client ``partition_id`` trains this round (``config`` is its local run's, rank
+        included): every module; hello and legend choose modules and ranks per client."""
+        return config.lora()
+
     def downlink(self, state: GlobalState) -> dict[str, torch.Tensor]:
         """What the server sends each client: the trained parts and every folded pair."""
         flat = {}
@@ -104,10 +138,11 @@ class Method:
     def from_uplink(
         self, state: GlobalState, flat: dict[str, torch.Tensor], scale: float, weight: float
     ) -> ClientUpdate:
-        """A client's whole update from what it sent: its trained parts over the global ones."""
+        """A client's whole update from what it sent: its trained parts over the global ones, for
+        the modules it trained (every module, but under hello and legend)."""
         sent = unflatten(flat)
-        parts = {module: {**ms.parts, **sent[module]} for module, ms in state.items()}
-        return ClientUpdate(parts, {module: scale for module in state}, weight)
+        parts = {module: {**state[module].parts, **mine} for module, mine in sent.items()}
+        return ClientUpdate(parts, {module: scale for module in parts}, weight)
 
     def uplink(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
         """What one client sends back: only the parts it trained."""
@@ -128,17 +163,24 @@ def normalised(weights: list[float]) -> list[float]:
 def aggregation_error(
     old: GlobalState, new: GlobalState, updates: list[ClientUpdate], weights: list[float]
 ) -> float:
-    """‖ΔW_agg − Σ p_k ΔW_k‖ / ‖Σ p_k ΔW_k‖ over all modules, updates taken from the round's
-    starting global model (a client's model is the old folded base plus its trained factors)."""
+    """‖ΔW_agg − Σ p_k ΔW_k‖ / ‖Σ p_k ΔW_k‖ over all modules. A module's mean runs over the clients
+    that trained it (p_k renormalised over them; every client, but under hello and legend), and
+    ΔW_k is client k's model minus the global model as it received it (the old folded base plus
+    the old factors, truncated to its rank under legend)."""
     num = den = 0.0
     for module, ms in old.items():
-        first = updates[0].parts[module]
+        held = [(u, p) for u, p in zip(updates, weights, strict=True) if module in u.parts]
+        if not held:
+            continue
+        total = sum(p for _, p in held)
+        first = held[0][0].parts[module]
         zeros = first["B"].new_zeros(first["B"].shape[0], first["A"].shape[1]).double()
         start = ms.delta(zeros)
         ideal = zeros.clone()
-        for update, p in zip(updates, weights, strict=True):
+        for update, p in held:
+            received = ms.truncated(update.parts[module]["A"].shape[0]).delta(zeros)
             client = ms.folded_delta(zeros) + update.delta(module, zeros)
-            ideal += p * (client - start)
+            ideal += p / total * (client - received)
         got = new[module].delta(zeros) - start
         num += float((got - ideal).square().sum())
         den += float(ideal.square().sum())
@@ -190,6 +232,35 @@ def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
     for tensor, p in zip(tensors, weights, strict=True):
         total += p * tensor
     return total
+
+
+def held_mean(state: GlobalState, updates: list[ClientUpdate], weights: list[float]) -> GlobalState:
+    """Each module's A and B averaged rank row by rank row over the clients that trained that
+    row (p_k renormalised over them); rows nobody trained keep their global value.
+
+    A client of rank r_k on a module holds the first r_k rows of A and columns of B; a module a
+    client did not train is absent from its update. This is the zero-padding average with the
+    padding left out of the denominator (HetLoRA's and LEGEND's rule): a low-rank client does
+    not shrink the rows it never had.
+    """
+    new = {}
+    for module, ms in state.items():
+        a, b = ms.parts["A"], ms.parts["B"]  # [R, in], [out, R]
+        a_sum, b_sum = torch.zeros_like(a), torch.zeros_like(b)
+        held = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)  # [R] weight per row
+        for update, p in zip(updates, weights, strict=True):
+            if module in update.parts:
+                mine = update.parts[module]
+                rank = mine["A"].shape[0]
+                a_sum[:rank] += p * mine["A"].to(a)
+                b_sum[:, :rank] += p * mine["B"].to(b)
+                held[:rank] += p
+        kept = held > 0
+        a_new, b_new = a.clone(), b.clone()
+        a_new[kept] = a_sum[kept] / held[kept, None]
+        b_new[:, kept] = b_sum[:, kept] / held[kept]
+        new[module] = ModuleState({"A": a_new, "B": b_new}, ms.scale, list(ms.folded))
+    return new
 
 
 def same_ranks(updates: list[ClientUpdate], method: str) -> None:

@@ -15,10 +15,16 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from rankwise.adapters import inject_adapter, remove_experts, save_adapter, select_targets
+from rankwise.adapters import (
+    LoraConfig,
+    inject_adapter,
+    remove_experts,
+    save_adapter,
+    select_targets,
+)
 from rankwise.architectures import dense_weight
 from rankwise.data import collate
-from rankwise.fed.base import ClientUpdate, GlobalState, Method, ModuleState
+from rankwise.fed.base import ClientUpdate, GlobalState, Method, ModuleState, Scores
 from rankwise.fed.config import FedConfig
 from rankwise.models import LoadedModel, model_device
 from rankwise.train import train
@@ -43,25 +49,27 @@ class Between(torch.nn.Module):
 
 class FedAdapter:
     """The ``Trainable`` of one client round: the global factors (or a fresh adapter) with only
-    the method's trained parts as parameters."""
+    the method's trained parts as parameters, on the modules and at the ranks ``lora`` gives
+    (the first rows of A and columns of B where a rank is below the global one)."""
 
-    def __init__(self, loaded: LoadedModel, config: FedConfig, method: Method, state: GlobalState):
+    def __init__(self, loaded: LoadedModel, lora: LoraConfig, method: Method, state: GlobalState):
         self.model, self.method = loaded.model, method
-        self.layers = inject_adapter(self.model, config.lora())
+        self.layers = inject_adapter(self.model, lora)
         self.device = model_device(self.model)
         with torch.no_grad():
             for module, layer in self.layers.items():
                 parts = state[module].parts
                 if method.restarts() or not parts:
                     continue
-                layer.lora_A.copy_(parts["A"])
+                rank = layer.lora_A.shape[0]
+                layer.lora_A.copy_(parts["A"][:rank])
                 if "R" in parts:
                     parametrize.register_parametrization(
                         layer, "lora_B", Between(parts["B"].to(self.device)), unsafe=True
                     )
                     layer.parametrizations.lora_B.original.copy_(parts["R"])
                 else:
-                    layer.lora_B.copy_(parts["B"])
+                    layer.lora_B.copy_(parts["B"][:, :rank])
                 if "A" not in method.trains:
                     layer.lora_A.requires_grad_(False)
 
@@ -152,10 +160,12 @@ def local_round(
     """Train one round on this client's data; returns its update and final train loss."""
     with tempfile.TemporaryDirectory(prefix="rankwise-fed-client-") as folder:
         local = client_config(config, partition_id, server_round, data, Path(folder) / "run")
+        scores = module_scores(loaded, local, state, data)
+        lora = method.local_lora(local, partition_id, list(state), scores)
         made: list[FedAdapter] = []
 
         def attach(loaded_model: LoadedModel, _config) -> FedAdapter:
-            made.append(FedAdapter(loaded_model, local, method, state))
+            made.append(FedAdapter(loaded_model, lora, method, state))
             return made[0]
 
         with Folded(loaded.model, state):
@@ -172,13 +182,27 @@ def local_round(
 def initial_state(loaded: LoadedModel, config: FedConfig, method: Method) -> GlobalState:
     """Round 0's global state: the adapter init seeded by ``seed`` (B = 0), for every client."""
     torch.manual_seed(config.seed)
-    layers = inject_adapter(loaded.model, config.lora())
+    modules = select_targets(loaded.model, config.target_modules)
+    layers = inject_adapter(loaded.model, method.global_lora(config, modules))
     state = {}
     for module, layer in layers.items():
         parts = {"A": layer.lora_A.detach().clone(), "B": layer.lora_B.detach().clone()}
         state[module] = ModuleState({} if method.restarts() else parts, layer.experts[0].scaling)
     remove_experts(loaded.model)
     return state
+
+
+def module_scores(loaded: LoadedModel, config: FedConfig, state: GlobalState, data: str) -> Scores:
+    """Each module's squared gradient norm ‖∂L/∂W‖² at the global model (its trained factors
+    folded into the base too), measured only when called (hello's Fisher pattern)."""
+
+    def measure() -> dict[str, float]:
+        whole = {m: ModuleState({}, ms.scale, ms.whole()) for m, ms in state.items()}
+        with Folded(loaded.model, whole):
+            grads = gradient_estimate(loaded, config, data, config.hello_fisher_batches)
+        return {m: float(g.double().square().sum()) for m, g in grads.items()}
+
+    return measure
 
 
 def gradient_estimate(

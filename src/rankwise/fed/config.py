@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from rankwise.errors import RankwiseError
+from rankwise.fed.hello import PATTERNS
 from rankwise.fed.registry import METHODS
 from rankwise.options import option
 from rankwise.train.config import TrainConfig
@@ -39,6 +40,28 @@ class FedConfig(TrainConfig):
         "fails, more failures are tolerated",
         within="[0, inf)",
     )
+    hello_budget: list[int] = option(
+        [],
+        "hello: client k trains the LoRA layers of hello_budget[k mod len] decoder blocks (its "
+        "resources; empty: half the blocks, rounded up)",
+        within="[1, inf)",
+    )
+    hello_pattern: str = option(
+        "fisher",
+        "hello: which blocks a client trains: fisher (its highest gradient-norm blocks, measured "
+        "each round) or a geometric pattern: triangle (nearest the input), inverted_triangle "
+        "(nearest the output), bottleneck (both ends), uniform (evenly spaced)",
+        choices=PATTERNS,
+    )
+    hello_fisher_batches: int = option(
+        2, "hello fisher: batches of the client's gradient for its block scores", within="[1, inf)"
+    )
+    capabilities: list[float] = option(
+        [],
+        "legend: client k's capability capabilities[k mod len] sets its LoRA depth (blocks from "
+        "the output) and ranks (empty: 1 for everyone, every block at full rank)",
+        within="(0, 1]",
+    )
     fedsb_init_batches: int = option(
         2, "fedsb: batches of each client's gradient estimate for the SVD init", within="[1, inf)"
     )
@@ -64,6 +87,9 @@ class FedConfig(TrainConfig):
             )
         if self.client_ranks and self.method != "flora":
             raise RankwiseError("client_ranks (mixed ranks) needs method flora, which stacks them")
+        for key, method in (("hello_budget", "hello"), ("capabilities", "legend")):
+            if getattr(self, key) and self.method != method:
+                raise RankwiseError(f"{key} is a setting of method {method}, not {self.method}")
         if self.min_clients > self.clients:
             raise RankwiseError(f"min_clients {self.min_clients} exceeds clients {self.clients}")
 

@@ -41,6 +41,10 @@ class FedSB(Method):
         """Only R after the initialisation round (B and A were sent once, by ``fedsb_init``)."""
         return {f"{module}|R": ms.parts["R"] for module, ms in state.items()}
 
+    def frozen(self, state: GlobalState) -> dict[str, torch.Tensor]:
+        """The frozen B and A, sent once: a client keeps them for the later rounds."""
+        return {f"{module}|{p}": ms.parts[p] for module, ms in state.items() for p in "AB"}
+
 
 def fedsb_init(
     gradients: list[dict[str, torch.Tensor]], weights: list[float], rank: int, scale: float

@@ -9,6 +9,8 @@ from rankwise.fed.fedit import FedIT
 from rankwise.fed.fedsb import FedSB
 from rankwise.fed.ffa import FFA
 from rankwise.fed.flora import FLoRA
+from rankwise.fed.hello import Hello
+from rankwise.fed.legend import Legend
 
 METHODS: dict[str, type[Method]] = {
     "fedit": FedIT,
@@ -16,6 +18,8 @@ METHODS: dict[str, type[Method]] = {
     "ffa": FFA,
     "flora": FLoRA,
     "fedsb": FedSB,
+    "hello": Hello,
+    "legend": Legend,
 }
 
 

@@ -46,14 +46,10 @@ def export_adapter(state: GlobalState, base_model: str | None) -> LoraWeights | 
     """The global model's update as one PEFT adapter (None before anything was trained)."""
     factors, alphas = {}, {}
     for module, ms in state.items():
-        a_list = [a for a, _ in ms.folded]
-        b_list = [b for _, b in ms.folded]
-        if ms.parts:
-            middle = ms.parts["B"] @ ms.parts["R"] if "R" in ms.parts else ms.parts["B"]
-            a_list.append(ms.parts["A"])
-            b_list.append(ms.scale * middle)
-        if a_list:
-            factors[module] = (torch.cat(a_list), torch.cat(b_list, dim=1))
+        pairs = ms.whole()
+        if pairs:
+            a, b = zip(*pairs, strict=True)
+            factors[module] = (torch.cat(a), torch.cat(b, dim=1))
             alphas[module] = float(factors[module][0].shape[0])  # s = alpha / rank = 1
     return LoraWeights(factors, alphas, base_model=base_model) if factors else None
 

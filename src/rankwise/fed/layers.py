@@ -1,0 +1,42 @@
+"""What hello and legend share: the targeted modules by layer, an adapter on some of them.
+
+A "layer" is a decoder block (``...layers.<i>.``): Fed-HeLLo allocates and LEGEND counts depth
+in blocks, every targeted module of a block together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from rankwise.adapters import LoraConfig
+from rankwise.architectures import block_index
+
+
+def layers_of(modules: list[str]) -> list[list[str]]:
+    """The modules grouped by decoder block, from the input (index 0) to the output."""
+    blocks: dict[int, list[str]] = {}
+    for module in modules:
+        blocks.setdefault(block_index(module), []).append(module)
+    return [blocks[i] for i in sorted(blocks)]
+
+
+def scale_of(lora: LoraConfig) -> float:
+    """s of a module at the config's rank r: alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    return lora.lora_alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
+
+
+def on_modules(lora: LoraConfig, ranks: dict[str, int], scale: float) -> LoraConfig:
+    """``lora`` on the modules of ``ranks`` only, each at its rank with the scale ``scale``
+    (alpha = s r, or s sqrt(r) with rsLoRA), so a factor means the same at every rank."""
+
+    def alpha(rank: int) -> float:
+        return scale * (math.sqrt(rank) if lora.use_rslora else rank)
+
+    return dataclasses.replace(
+        lora,
+        target_modules=list(ranks),
+        rank_pattern={re.escape(m): r for m, r in ranks.items()},
+        alpha_pattern={re.escape(m): alpha(r) for m, r in ranks.items()},
+    )
