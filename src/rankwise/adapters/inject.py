@@ -165,9 +165,11 @@ def select_targets(model: nn.Module, target_modules: Sequence[str] | str) -> lis
             t for t in target_modules if not any(n == t or n.endswith("." + t) for n in chosen)
         ]
     if unmatched or not chosen:
+        regex = isinstance(target_modules, str)
+        hint = " (a YAML string is one regex: list names as a YAML list)" if regex else ""
         raise RankwiseError(
-            f"target modules {unmatched or target_modules} match no linear layer of the model; "
-            f"available: {', '.join(module_kinds(available))}"
+            f"target modules {unmatched or target_modules} match no linear layer of the model"
+            f"{hint}; available: {', '.join(module_kinds(available))}"
         )
     return chosen
 
