@@ -1,0 +1,108 @@
+"""L4Q (arXiv 2402.04902): quantisation-aware LoRA, a policy of the experts layer.
+
+    y = Q(W + s B A) x + b,    Q(V) = a * round(clamp((V - c) / a, 0, 2^k - 1)) + c
+
+per group of ``group`` consecutive inputs of a row, with the step a and offset c trained with
+the LoRA (LSQ, arXiv 1902.08153, with an offset as in LSQ+): rounding passes gradients straight
+through, the clamp does not, so V's gradient reaches B and A only for values inside the grid,
+a's is round(v) - v inside and the grid's end outside, c's is 0 inside and 1 outside (all from
+autograd on ``fake_quantize``). After training, the merged weight *is* the quantised matrix:
+``merge`` writes Q(W + s B A) into the base and the export (``rankwise quantize --method l4q``)
+stores its integer codes and (a, c): no LoRA branch at inference.
+
+Choices the paper leaves open, made here: a and c start from each group's min and max of W
+(a = (max - min) / (2^k - 1), c = min), so the first forward is W's round-to-nearest
+quantisation; LSQ's gradient scale 1/sqrt(N Q_p) is left out (Adam, the trainer's optimiser,
+normalises each parameter's step anyway); the forward forms Q(W + s B A) [out, in] with
+autograd (the paper's custom backward that avoids keeping it is not reproduced), and the base's
+own product is computed and discarded; dropout on the adapter's input cannot act on a merged
+weight, so it is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankwise.adapters.layer import LowRankExperts
+from rankwise.adapters.policy import Policy
+from rankwise.architectures import QuantizedLinear, dense_weight
+from rankwise.errors import RankwiseError
+
+
+def fake_quantize(
+    weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Q(weight) [out, in] on the grid offset + scale * {0 .. 2^bits - 1} of each group, with
+    straight-through rounding; ``scale`` and ``offset`` are [out, in / group]."""
+    out_features, in_features = weight.shape
+    grouped = weight.view(out_features, scale.shape[1], -1)  # (out, groups, group)
+    v = ((grouped - offset[..., None]) / scale[..., None]).clamp(0, 2**bits - 1)
+    v = v + (v.round() - v).detach()  # round forward, identity backward
+    return (v * scale[..., None] + offset[..., None]).view(out_features, in_features)
+
+
+def grid_codes(
+    weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """The integer codes [out, in] (uint8) that ``fake_quantize`` rounds ``weight`` to."""
+    grouped = weight.view(weight.shape[0], scale.shape[1], -1)  # (out, groups, group)
+    v = ((grouped - offset[..., None]) / scale[..., None]).clamp(0, 2**bits - 1)
+    return v.round().to(torch.uint8).view(weight.shape)
+
+
+class L4Q(Policy):
+    """One expert merged into W and quantised with a trained step and offset per group."""
+
+    def __init__(self, layer: LowRankExperts, bits: int, group: int, name: str = "layer"):
+        super().__init__()
+        if layer.num_experts != 1:
+            raise RankwiseError("L4Q adapts a layer with one expert, not a stack of them")
+        if isinstance(layer.base, QuantizedLinear):
+            raise RankwiseError(
+                "L4Q trains from the full-precision weight: load the model without --quantize"
+            )
+        if not isinstance(layer.dropout_runs[0], nn.Identity):
+            raise RankwiseError("L4Q quantises W + s B A as one matrix: set lora_dropout to 0")
+        weight = dense_weight(layer.base).detach().to(layer.lora_A)  # (out, in)
+        if weight.shape[1] % group:
+            raise RankwiseError(
+                f"l4q group {group} does not divide the input width {weight.shape[1]} of '{name}'"
+            )
+        grouped = weight.view(weight.shape[0], -1, group)  # (out, groups, group)
+        low, high = grouped.amin(2), grouped.amax(2)
+        self.bits = bits
+        # the layer's factors, unregistered here, so that ``state`` restores them on resume
+        self.factors = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
+        self.scale = nn.Parameter(((high - low) / (2**bits - 1)).clamp_min(1e-8))  # (out, groups)
+        self.offset = nn.Parameter(low.clone())  # (out, groups)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"l4q_scale": self.scale, "l4q_offset": self.offset}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything the export needs beside the PEFT adapter: the factors, the grid and its
+        width (the trainer restores a layer whose policy has state from this alone)."""
+        return {**self.factors, **self.adapter_params(), "l4q_bits": torch.tensor(self.bits)}
+
+    def quantized_weight(self, layer: LowRankExperts) -> torch.Tensor:
+        """Q(W + s B A) [out, in], differentiable in A, B, the step and the offset."""
+        weight = dense_weight(layer.base).to(layer.lora_A.dtype)
+        return fake_quantize(weight + layer.delta_weight(), self.scale, self.offset, self.bits)
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
+    ) -> torch.Tensor:
+        weight = self.held("weight", lambda: self.quantized_weight(layer), *self.sources(layer))
+        bias = None if layer.base.bias is None else layer.base.bias.to(x.dtype)
+        return nn.functional.linear(x, weight.to(x.dtype), bias)
+
+    def sources(self, layer: LowRankExperts) -> tuple[torch.Tensor, ...]:
+        return dense_weight(layer.base), layer.lora_A, layer.lora_B, self.scale, self.offset
+
+    def merge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
+        """W <- Q(W + s B A): the base becomes the quantised matrix itself."""
+        weight.copy_(self.quantized_weight(layer).to(weight.dtype))
+
+    def unmerge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
+        raise RankwiseError("L4Q's merge rounds W + s B A onto its grid: reload the base to undo")
