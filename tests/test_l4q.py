@@ -40,8 +40,8 @@ def test_forward_is_the_quantised_merged_weights_forward(bits):
     layer = next(iter(expert_layers(model).values()))
     policy = layer.policy
     weight = policy.quantized_weight(layer).detach()
-    steps = weight.view(weight.shape[0], policy.scale.shape[1], -1) - policy.offset[..., None]
-    steps = steps / policy.scale[..., None]
+    step, offset = (t.detach() for t in policy.grid())
+    steps = (weight.view(weight.shape[0], step.shape[1], -1) - offset[..., None]) / step[..., None]
     assert torch.allclose(steps, steps.round(), atol=1e-3)  # on the grid
     assert steps.min() >= -1e-3 and steps.max() <= 2**bits - 1 + 1e-3
     x = torch.randn(2, 5, layer.in_features)
@@ -56,13 +56,14 @@ def test_gradients_reach_the_factors_and_the_grid_straight_through():
     y = layer(x)
     grad_y = torch.randn_like(y)
     y.backward(grad_y)
-    for p in (layer.lora_A, layer.lora_B, policy.scale, policy.offset):
+    for p in (layer.lora_A, layer.lora_B, policy.gain, policy.shift):
         assert p.grad is not None and p.grad.abs().sum() > 0
     # dL/dW' = (dL/dQ) on the values inside the grid, 0 outside (the clamp), round ignored
     with torch.no_grad():
         merged = layer.base.weight + layer.delta_weight()
-        v = merged.view(merged.shape[0], policy.scale.shape[1], -1) - policy.offset[..., None]
-        v = (v / policy.scale[..., None]).view_as(merged)
+        step, offset = policy.grid()
+        v = (merged.view(merged.shape[0], step.shape[1], -1) - offset[..., None]) / step[..., None]
+        v = v.view_as(merged)
         inside = (v > 0) & (v < 2**policy.bits - 1)
         grad_merged = (grad_y.T @ x) * inside
         s = layer.experts[0].scaling

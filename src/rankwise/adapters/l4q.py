@@ -11,12 +11,14 @@ autograd on ``fake_quantize``). After training, the merged weight *is* the quant
 stores its integer codes and (a, c): no LoRA branch at inference.
 
 Choices the paper leaves open, made here: a and c start from each group's min and max of W
-(a = (max - min) / (2^k - 1), c = min), so the first forward is W's round-to-nearest
-quantisation; LSQ's gradient scale 1/sqrt(N Q_p) is left out (Adam, the trainer's optimiser,
-normalises each parameter's step anyway); the forward forms Q(W + s B A) [out, in] with
-autograd (the paper's custom backward that avoids keeping it is not reproduced), and the base's
-own product is computed and discarded; dropout on the adapter's input cannot act on a merged
-weight, so it is refused.
+(a0 = (max - min) / (2^k - 1), c0 = min), so the first forward is W's round-to-nearest
+quantisation; they train as a = a0 (1 + gain), c = c0 + a0 shift with gain and shift from 0,
+so that Adam (which moves every parameter by about the learning rate) moves each group's grid
+by a share of its own step at the LoRA's learning rate, where a raw step of 0.01 would lose
+10% a step at lr 1e-3 (this stands in for LSQ's gradient scale 1/sqrt(N Q_p), made for SGD);
+the forward forms Q(W + s B A) [out, in] with autograd (the paper's custom backward that avoids
+keeping it is not reproduced), and the base's own product is computed and discarded; dropout
+on the adapter's input cannot act on a merged weight, so it is refused.
 """
 
 from __future__ import annotations
@@ -74,21 +76,32 @@ class L4Q(Policy):
         self.bits = bits
         # the layer's factors, unregistered here, so that ``state`` restores them on resume
         self.factors = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
-        self.scale = nn.Parameter(((high - low) / (2**bits - 1)).clamp_min(1e-8))  # (out, groups)
-        self.offset = nn.Parameter(low.clone())  # (out, groups)
+        step = ((high - low) / (2**bits - 1)).clamp_min(1e-8)  # (out, groups)
+        self.register_buffer("initial_step", step)
+        self.register_buffer("initial_offset", low.clone())
+        # a = a0 (1 + gain), c = c0 + a0 shift: Adam moves each group by a share of its step
+        self.gain = nn.Parameter(torch.zeros_like(step))
+        self.shift = nn.Parameter(torch.zeros_like(step))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        return {"l4q_scale": self.scale, "l4q_offset": self.offset}
+        return {"l4q_step_gain": self.gain, "l4q_offset_shift": self.shift}
 
     def state(self) -> dict[str, torch.Tensor]:
         """Everything the export needs beside the PEFT adapter: the factors, the grid and its
         width (the trainer restores a layer whose policy has state from this alone)."""
-        return {**self.factors, **self.adapter_params(), "l4q_bits": torch.tensor(self.bits)}
+        grid = {"l4q_initial_step": self.initial_step, "l4q_initial_offset": self.initial_offset}
+        width = {"l4q_bits": torch.tensor(self.bits)}
+        return {**self.factors, **self.adapter_params(), **grid, **width}
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step a, offset c) of every group, (out, groups) each, differentiable."""
+        step = self.initial_step * (1 + self.gain).clamp_min(1e-3)
+        return step, self.initial_offset + self.initial_step * self.shift
 
     def quantized_weight(self, layer: LowRankExperts) -> torch.Tensor:
         """Q(W + s B A) [out, in], differentiable in A, B, the step and the offset."""
         weight = dense_weight(layer.base).to(layer.lora_A.dtype)
-        return fake_quantize(weight + layer.delta_weight(), self.scale, self.offset, self.bits)
+        return fake_quantize(weight + layer.delta_weight(), *self.grid(), self.bits)
 
     def forward(
         self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
@@ -98,7 +111,7 @@ class L4Q(Policy):
         return nn.functional.linear(x, weight.to(x.dtype), bias)
 
     def sources(self, layer: LowRankExperts) -> tuple[torch.Tensor, ...]:
-        return dense_weight(layer.base), layer.lora_A, layer.lora_B, self.scale, self.offset
+        return dense_weight(layer.base), layer.lora_A, layer.lora_B, self.gain, self.shift
 
     def merge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
         """W <- Q(W + s B A): the base becomes the quantised matrix itself."""

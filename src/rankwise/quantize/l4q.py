@@ -78,15 +78,16 @@ def export_l4q(model: nn.Module) -> list[str]:
             raise RankwiseError(f"'{name}' is not adapted by L4Q: only L4Q layers export")
         weight = policy.quantized_weight(layer)  # (out, in), exactly on the grid
         out_features, in_features = weight.shape
-        group = in_features // policy.scale.shape[1]
+        step, offset = policy.grid()
+        group = in_features // step.shape[1]
         bias = layer.base.bias
         made[name] = IntKLinear(
             in_features, out_features, policy.bits, group, bias is not None, weight.device
         )
-        codes = grid_codes(weight, policy.scale, policy.offset, policy.bits)
+        codes = grid_codes(weight, step, offset, policy.bits)
         made[name].weight.copy_(pack(codes.flatten(), policy.bits))
-        made[name].scale.copy_(policy.scale)
-        made[name].offset.copy_(policy.offset)
+        made[name].scale.copy_(step)
+        made[name].offset.copy_(offset)
         if bias is not None:
             made[name].bias.copy_(bias)
     swap_modules(model, made)
@@ -119,10 +120,9 @@ class L4QExport(QuantizeMethod):
         saved = load_file(folder / POLICY_STATE)
         layers = attach_adapters(model, [read_adapter(folder)])
         for name, layer in layers.items():
-            if f"{name}:l4q_scale" not in saved:
+            if f"{name}:l4q_initial_step" not in saved:
                 raise RankwiseError(f"'{folder}' has no L4Q grid for '{name}'")
-            scale = saved[f"{name}:l4q_scale"]
-            group = layer.in_features // scale.shape[1]
+            group = layer.in_features // saved[f"{name}:l4q_initial_step"].shape[1]
             layer.policy = L4Q(layer, int(saved[f"{name}:l4q_bits"]), group, name)
             for key, tensor in layer.policy.state().items():
                 tensor.copy_(saved[f"{name}:{key}"])

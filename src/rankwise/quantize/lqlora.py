@@ -116,6 +116,23 @@ def decompose(
     return Decomposition(*kept, errors)
 
 
+@dataclass
+class CostTable:
+    """The ILP's data: per matrix (rows, ``names``) and configuration (columns, ``configs``),
+    the squared error of its decomposition and the bits it takes; ``weights`` in all."""
+
+    names: list[str]
+    configs: list[tuple[int, int]]
+    costs: np.ndarray
+    storage: np.ndarray
+    weights: int
+
+    def choose(self, bits_budget: float) -> dict[str, tuple[int, int]]:
+        """Each matrix's (bits, block) of least summed error within ``bits_budget`` per weight."""
+        choice = allocate(self.costs, self.storage, bits_budget * self.weights)
+        return {name: self.configs[c] for name, c in zip(self.names, choice, strict=True)}
+
+
 @torch.enable_grad()
 def empirical_fisher(
     model: nn.Module, input_ids: torch.Tensor, modules: dict[str, nn.Module]
@@ -204,15 +221,13 @@ class LQLoRA(QuantizeMethod):
         low = self.low_rank_bits * self.rank * (out_features + in_features)
         return storage_bits(out_features, in_features, bits, block) + low
 
-    def allocation(
+    def cost_table(
         self,
         modules: dict[str, nn.Module],
         configs: list[tuple[int, int]],
         fisher: dict[str, torch.Tensor],
-    ) -> dict[str, tuple[int, int]]:
-        """Each matrix's (bits, block): by the ILP over measured errors when there is a choice."""
-        if len(configs) == 1:
-            return dict.fromkeys(modules, configs[0])
+    ) -> CostTable:
+        """Every matrix decomposed in every configuration: the ILP's errors and storage."""
         costs = np.zeros((len(modules), len(configs)))
         storage = np.zeros_like(costs)
         cells = list(itertools.product(enumerate(modules.items()), enumerate(configs)))
@@ -222,8 +237,40 @@ class LQLoRA(QuantizeMethod):
             costs[i, c] = found.errors[-1]
             storage[i, c] = self.storage(module, bits, block)
         weights = sum(dense_weight(m).numel() for m in modules.values())
-        choice = allocate(costs, storage, self.bits_budget * weights)
-        return {name: configs[c] for name, c in zip(modules, choice, strict=True)}
+        return CostTable(list(modules), configs, costs, storage, weights)
+
+    def apply(
+        self,
+        model: nn.Module,
+        chosen: dict[str, tuple[int, int]],
+        fisher: dict[str, torch.Tensor],
+    ) -> Factors:
+        """Decompose each named matrix in its (bits, block), put its NF-k layer in the model."""
+        modules = quantizable(model)
+        factors: Factors = {}
+        scaling = self.alpha / self.rank
+        for name, (bits, size) in tqdm(chosen.items(), desc="lq-lora", unit="layer"):
+            module = modules[name]
+            weight = dense_weight(module)
+            found = decompose(weight, bits, size, self.rank, self.iters, fisher.get(name))
+            has_bias = module.bias is not None
+            layer = NFkLinear(*weight.shape[::-1], bits, size, has_bias, weight.device)
+            layer.load_state(found.state)
+            if has_bias:
+                layer.bias.copy_(module.bias)
+            swap_modules(model, {name: layer})
+            factors[name] = (found.a, found.b / scaling)
+        return factors
+
+    def fisher_of(
+        self, model: nn.Module, modules: dict[str, nn.Module], input_ids: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The empirical Fisher of every matrix when ``fisher`` is set, else nothing."""
+        if not self.fisher:
+            return {}
+        if input_ids is None:
+            raise RankwiseError("lq-lora with fisher needs calibration data")
+        return empirical_fisher(model, input_ids, modules)
 
     @torch.no_grad()
     def quantize(
@@ -233,23 +280,9 @@ class LQLoRA(QuantizeMethod):
         configs = self.configurations(block)
         for bits, size in configs:
             check_blocks(modules, size, bits)
-        fisher = {}
-        if self.fisher:
-            if input_ids is None:
-                raise RankwiseError("lq-lora with fisher needs calibration data")
-            fisher = empirical_fisher(model, input_ids, modules)
-        chosen = self.allocation(modules, configs, fisher)
-        factors: Factors = {}
-        scaling = self.alpha / self.rank
-        for name, module in tqdm(modules.items(), desc="lq-lora", unit="layer"):
-            weight = dense_weight(module)
-            bits, size = chosen[name]
-            found = decompose(weight, bits, size, self.rank, self.iters, fisher.pop(name, None))
-            has_bias = module.bias is not None
-            layer = NFkLinear(*weight.shape[::-1], bits, size, has_bias, weight.device)
-            layer.load_state(found.state)
-            if has_bias:
-                layer.bias.copy_(module.bias)
-            swap_modules(model, {name: layer})
-            factors[name] = (found.a, found.b / scaling)
-        return factors
+        fisher = self.fisher_of(model, modules, input_ids)
+        if len(configs) == 1:
+            chosen = dict.fromkeys(modules, configs[0])
+        else:
+            chosen = self.cost_table(modules, configs, fisher).choose(self.bits_budget)
+        return self.apply(model, chosen, fisher)
