@@ -221,6 +221,7 @@ class LQLoRA(QuantizeMethod):
         low = self.low_rank_bits * self.rank * (out_features + in_features)
         return storage_bits(out_features, in_features, bits, block) + low
 
+    @torch.no_grad()
     def cost_table(
         self,
         modules: dict[str, nn.Module],
@@ -239,6 +240,7 @@ class LQLoRA(QuantizeMethod):
         weights = sum(dense_weight(m).numel() for m in modules.values())
         return CostTable(list(modules), configs, costs, storage, weights)
 
+    @torch.no_grad()
     def apply(
         self,
         model: nn.Module,
