@@ -13,12 +13,12 @@ from rankwise.adapters import LoraConfig, attach_adapters, inject_adapter
 from rankwise.adapters.inject import expert_layers
 from rankwise.adapters.l4q import L4Q
 from rankwise.adapters.peft_format import read_adapter
+from rankwise.adapters.policy import POLICY_STATE
 from rankwise.cli import main
 from rankwise.errors import RankwiseError
 from rankwise.models import load_model
-from rankwise.quantize.l4q import IntKLinear, export_l4q
+from rankwise.quantize.l4q import IntKLinear, L4QExport, export_l4q
 from rankwise.quantize.storage import WEIGHTS
-from rankwise.train.trainable import POLICY_STATE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,6 +71,21 @@ def test_gradients_reach_the_factors_and_the_grid_straight_through():
     assert torch.allclose(layer.lora_A.grad, s * layer.lora_B.T @ grad_merged, atol=1e-5)
 
 
+def test_training_through_the_quantiser_lowers_the_loss():
+    model = l4q_model(bits=3)
+    params = [p for layer in expert_layers(model).values() for p in layer.adapter_params().values()]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    tokens = torch.randint(3, 60, (4, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(20):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_export_has_no_lora_and_the_same_logits(arch, tmp_path):
     model = l4q_model(arch)
@@ -115,3 +130,5 @@ def test_l4q_refuses_what_it_cannot_merge():
         inject_adapter(tiny_llama(), LoraConfig(r=2, l4q_bits=4, l4q_group=48))
     with pytest.raises(RankwiseError, match="neither use_dora"):
         LoraConfig(l4q_bits=4, use_dora=True)
+    with pytest.raises(RankwiseError, match="was it trained with l4q_bits"):
+        L4QExport(adapter="no-such-run").quantize(tiny_llama(), 32)

@@ -20,6 +20,7 @@ from rankwise.adapters.attach import attach_adapters
 from rankwise.adapters.inject import expert_layers, swap_modules
 from rankwise.adapters.l4q import L4Q, grid_codes
 from rankwise.adapters.peft_format import read_adapter
+from rankwise.adapters.policy import POLICY_STATE
 from rankwise.architectures import QuantizedLinear
 from rankwise.errors import RankwiseError
 from rankwise.options import option
@@ -110,8 +111,6 @@ class L4QExport(QuantizeMethod):
     def quantize(
         self, model: nn.Module, block: int, input_ids: torch.Tensor | None = None
     ) -> Factors:
-        from rankwise.train.trainable import POLICY_STATE
-
         folder = Path(self.adapter)
         if not (folder / POLICY_STATE).is_file():
             raise RankwiseError(
