@@ -167,7 +167,7 @@ class LQLoRA(QuantizeMethod):
     """LQ-LoRA: NF-k base plus rank-r start by alternation; optional ILP bits and Fisher."""
 
     name = "lq-lora"
-    bits: int = option(3, "bits of every matrix's NF-k part when no bits_budget is given")
+    bits: int = option(4, "bits of every matrix's NF-k part when no bits_budget is given")
     bits_budget: float | None = option(
         None,
         "average bits per weight (quantisation constants and the low-rank part included): an "
@@ -178,13 +178,14 @@ class LQLoRA(QuantizeMethod):
     bits_choices: list[int] = option([2, 3, 4, 8], "NF-k widths the allocation may choose")
     block_choices: list[int] = option([16, 32, 64], "block sizes the allocation may choose")
     low_rank_bits: int = option(
-        16, "bits each low-rank value counts for in the budget (0: the paper's, Q alone)",
+        16,
+        "bits each low-rank value counts for in the budget (0: the paper's count, Q alone)",
         within="[0, 32]",
-    )  # fmt: skip
+    )
     rank: int = option(16, "rank of the low-rank part (the adapter's r)", within="[1, inf)")
     alpha: float = option(32.0, "lora_alpha of the adapter written (B is divided by alpha/r)")
     iters: int = option(
-        10, "most alternations; each matrix stops when its error rises", within="[1, inf)"
+        5, "most alternations; each matrix stops when its error rises", within="[1, inf)"
     )
     fisher: bool = option(False, "weight the decomposition by the empirical Fisher (calib data)")
     calib: str = option(DEFAULT_DATA, "fisher: calibration data, a data spec or path")
