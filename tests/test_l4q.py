@@ -16,6 +16,7 @@ from rankwise.adapters.peft_format import read_adapter
 from rankwise.adapters.policy import POLICY_STATE
 from rankwise.cli import main
 from rankwise.errors import RankwiseError
+from rankwise.fed.config import FedConfig
 from rankwise.models import load_model
 from rankwise.quantize.l4q import IntKLinear, L4QExport, export_l4q
 from rankwise.quantize.storage import WEIGHTS
@@ -130,5 +131,7 @@ def test_l4q_refuses_what_it_cannot_merge():
         inject_adapter(tiny_llama(), LoraConfig(r=2, l4q_bits=4, l4q_group=48))
     with pytest.raises(RankwiseError, match="neither use_dora"):
         LoraConfig(l4q_bits=4, use_dora=True)
+    with pytest.raises(RankwiseError, match="l4q_bits is not supported"):
+        FedConfig(l4q_bits=4)  # clients exchange factors only, not the grids
     with pytest.raises(RankwiseError, match="was it trained with l4q_bits"):
         L4QExport(adapter="no-such-run").quantize(tiny_llama(), 32)
