@@ -77,8 +77,8 @@ class L4Q(Policy):
         # the layer's factors, unregistered here, so that ``state`` restores them on resume
         self.factors = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
         step = ((high - low) / (2**bits - 1)).clamp_min(1e-8)  # (out, groups)
-        self.register_buffer("initial_step", step)
-        self.register_buffer("initial_offset", low.clone())
+        self.register_buffer("initial_step", step, persistent=False)  # saved by ``state``
+        self.register_buffer("initial_offset", low.clone(), persistent=False)
         # a = a0 (1 + gain), c = c0 + a0 shift: Adam moves each group by a share of its step
         self.gain = nn.Parameter(torch.zeros_like(step))
         self.shift = nn.Parameter(torch.zeros_like(step))
@@ -111,7 +111,8 @@ class L4Q(Policy):
         return nn.functional.linear(x, weight.to(x.dtype), bias)
 
     def sources(self, layer: LowRankExperts) -> tuple[torch.Tensor, ...]:
-        return dense_weight(layer.base), layer.lora_A, layer.lora_B, self.gain, self.shift
+        grid = (self.gain, self.shift, self.initial_step, self.initial_offset)
+        return dense_weight(layer.base), layer.lora_A, layer.lora_B, *grid
 
     def merge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
         """W <- Q(W + s B A): the base becomes the quantised matrix itself."""
