@@ -9,7 +9,7 @@ from conftest import tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 
-from rankwise.adapters import LoraConfig, attach_adapters, inject_adapter
+from rankwise.adapters import LoraConfig, attach_adapters, inject_adapter, load_adapter
 from rankwise.adapters.inject import expert_layers
 from rankwise.adapters.l4q import L4Q
 from rankwise.adapters.peft_format import read_adapter
@@ -109,6 +109,8 @@ def test_train_then_quantize_writes_the_trained_model_without_lora(model_dir, tm
     args = ["quantize", "--model", str(model_dir), "--method", "l4q", "--adapter", str(run)]
     assert main([*args, "-o", str(out)]) == 0
     assert not any("lora" in key for key in load_file(out / WEIGHTS))
+    with pytest.raises(RankwiseError, match="is an L4Q run"):  # its adapter alone would mislead
+        load_adapter(tiny_llama(), run)
     # the trained model: the dense base, the run's factors and grids, the L4Q forward
     reference = tiny_llama()
     saved = load_file(run / POLICY_STATE)

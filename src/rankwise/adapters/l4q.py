@@ -23,11 +23,15 @@ on the adapter's input cannot act on a merged weight, so it is refused.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from rankwise.adapters.layer import LowRankExperts
-from rankwise.adapters.policy import Policy
+from rankwise.adapters.policy import POLICY_STATE, Policy
 from rankwise.architectures import QuantizedLinear, dense_weight
 from rankwise.errors import RankwiseError
 
@@ -120,3 +124,16 @@ class L4Q(Policy):
 
     def unmerge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
         raise RankwiseError("L4Q's merge rounds W + s B A onto its grid: reload the base to undo")
+
+
+def check_not_l4q(folder: str | os.PathLike) -> None:
+    """Refuse an L4Q run read as a plain adapter: without its quantiser it is another model."""
+    state = Path(folder) / POLICY_STATE
+    if not state.is_file():
+        return
+    with safe_open(str(state), "pt") as saved:
+        if any(key.endswith(":l4q_bits") for key in saved.keys()):
+            raise RankwiseError(
+                f"'{folder}' is an L4Q run, whose adapter alone is not the trained model: export "
+                f"it (rankwise quantize --method l4q --adapter {folder} -o OUT) and use --model OUT"
+            )
