@@ -259,7 +259,7 @@ def main() -> None:
         args.bits, args.rank, args.iters, args.samples, args.seq_len = [3], 4, 1, 2, 64
         args.window, args.eval_tokens, args.batch, args.tokens, args.steps = 64, 128, 1, 32, 1
         args.dense_dtype = "float32"
-        args.lq_budgets, args.lq_bits, args.lq_blocks = [3.0], [2, 4], [64]
+        args.lq_budgets, args.lq_bits, args.lq_blocks = [3.5], [3, 4], [64]
         args.ft_steps, args.test_examples = 2, 2
     torch.manual_seed(0)
     if args.speed_one:
