@@ -2,15 +2,22 @@
 
     python bench/quantize.py [--quick] [--eval-tokens 2048] [--rank 16 --iters 5]
         [--samples 32 --seq-len 256] [--batch 4 --tokens 256 --steps 10]
+        [--lq-budgets 2.5 3 3.5] [--task reverse_words --ft-steps 100 --ft-lr 1e-3]
 
 Perplexity (corpus test split, no fine-tuning): the dense model; NF4/NF3/NF2 (rankwise's NF-k,
-block 64) plain and with LoftQ (rank ``--rank``, ``--iters`` steps); bitsandbytes NF4; EoRA
-(rank ``--rank``) on NF3 and on the 2:4-pruned model, with calibration statistics of the
-compressed model on the corpus train split. Speed: one training step of r16 all-linear LoRA at
-``--batch`` x ``--tokens`` on a dense base (``--dense-dtype``), on rankwise's bitsandbytes-NF4
-base and with PEFT's QLoRA on the same NF4 base; each in its own process so its peak RSS is its
-own. ``--quick`` shrinks everything to check the script in a couple of minutes (its numbers mean
-nothing). Writes the tables into docs/benchmarks.md (section "quantization") unless --quick.
+block 64) plain and with LoftQ (rank ``--rank``, ``--iters`` steps); LQ-LoRA (rank ``--rank``,
+at most ``--iters`` alternations) at each of ``--lq-budgets`` average bits of the quantised
+part (NF-k constants included, the paper's count: the low-rank part is the same for every
+configuration and shown beside), data-free and with the Fisher at the budget nearest 3;
+bitsandbytes NF4; EoRA (rank ``--rank``) on NF3 and on the 2:4-pruned model, with calibration
+statistics of the compressed model on the corpus train split. Fine-tuning: exact match on the
+test split of ``--task`` after ``--ft-steps`` steps of r16 LoRA on a bf16 base, on QLoRA's
+bitsandbytes NF4, and L4Q 4- and 3-bit merged into one quantised matrix (no LoRA branch).
+Speed: one training step of r16 all-linear LoRA at ``--batch`` x ``--tokens`` on a dense base
+(``--dense-dtype``), on rankwise's bitsandbytes-NF4 base and with PEFT's QLoRA on the same NF4
+base; each in its own process so its peak RSS is its own. ``--quick`` shrinks everything to
+check the script in a few minutes (its numbers mean nothing). Writes the tables into
+docs/benchmarks.md (section "quantization") unless --quick.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,13 +40,18 @@ from rankwise.adapters import LoraConfig, attach_adapters, inject_adapter  # noq
 from rankwise.adapters.peft_format import LoraWeights  # noqa: E402
 from rankwise.compress import compress  # noqa: E402
 from rankwise.compress.calibration import calibration_data  # noqa: E402
+from rankwise.data import get_task  # noqa: E402
 from rankwise.data.corpus import python_docs  # noqa: E402
+from rankwise.evaluate.accuracy import exact_match  # noqa: E402
 from rankwise.evaluate.perplexity import perplexity  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
-from rankwise.quantize import BASES, quantize_model, weight_report  # noqa: E402
+from rankwise.quantize import BASES, quantizable, quantize_model, weight_report  # noqa: E402
 from rankwise.quantize.compensate import compensate  # noqa: E402
+from rankwise.quantize.l4q import export_l4q  # noqa: E402
 from rankwise.quantize.loftq import LoftQ  # noqa: E402
+from rankwise.quantize.lqlora import LQLoRA  # noqa: E402
 from rankwise.quantize.registry import METHODS  # noqa: E402
+from rankwise.train import TrainConfig, train  # noqa: E402
 
 
 def quality_rows(args) -> list[list[str]]:
@@ -67,8 +80,10 @@ def quality_rows(args) -> list[list[str]]:
         rows.append(row(f"NF{bits}", model))
         model = load_model().model
         factors = LoftQ(bits=bits, rank=args.rank, iters=args.iters).quantize(model, 64)
+        extra = f"r{args.rank}, T={args.iters}, {low_rank_bits(factors, model)}"
         attach(model, factors, 2.0 * args.rank)
-        rows.append(row(f"NF{bits} + LoftQ", model, f"r{args.rank}, T={args.iters}"))
+        rows.append(row(f"NF{bits} + LoftQ", model, extra))
+    rows += lq_lora_rows(args, row)
     model = load_model().model
     quantize_model(model, BASES["nf4"], 64)
     rows.append(row("NF4 (bitsandbytes)", model))
@@ -78,6 +93,76 @@ def quality_rows(args) -> list[list[str]]:
                             calib.input_ids)  # fmt: skip
         attach_adapters(model, [result.adapter])
         rows.append(row(f"{label} + EoRA", model, f"r{args.rank}, {len(calib.input_ids)} seqs"))
+    return rows
+
+
+def lq_lora_rows(args, row) -> list[list[str]]:
+    """LQ-LoRA at each budget from one table of measured errors, then with the Fisher."""
+    rows = []
+    fisher_budget = min(args.lq_budgets, key=lambda b: abs(b - 3))
+    for fisher, budgets in ((False, args.lq_budgets), (True, [fisher_budget])):
+        method = LQLoRA(
+            bits_budget=budgets[0], bits_choices=args.lq_bits, block_choices=args.lq_blocks,
+            low_rank_bits=0, rank=args.rank, alpha=2.0 * args.rank, iters=args.iters,
+            fisher=fisher, samples=args.samples, seq_len=args.seq_len,
+        )  # fmt: skip
+        dense = load_model()
+        modules = quantizable(dense.model)
+        weights = method.fisher_of(dense.model, modules, method.calibration(dense.tokenizer))
+        table = method.cost_table(modules, method.configurations(64), weights)
+        for budget in budgets:
+            model = load_model().model
+            factors = method.apply(model, table.choose(budget), weights)
+            mix = sorted({(m.bits, m.block) for m in quantizable_layers(model)})
+            extra = f"r{args.rank}, ≤{args.iters} iters, {low_rank_bits(factors, model)}, {mix}"
+            attach(model, factors, method.alpha)
+            label = f"LQ-LoRA{' Fisher' if fisher else ''} ≤ {budget:g} bits"
+            rows.append(row(label, model, extra))
+    return rows
+
+
+def quantizable_layers(model) -> list:
+    from rankwise.quantize import NFkLinear
+
+    return [m for m in model.modules() if isinstance(m, NFkLinear)]
+
+
+def low_rank_bits(factors, model) -> str:
+    """What the low-rank part adds per quantised weight, at 16 bits a value."""
+    values = sum(a.numel() + b.numel() for a, b in factors.values())
+    return f"+{16 * values / weight_report(model).quantized_weights:.2f} bits (16-bit low rank)"
+
+
+FINETUNES = {
+    "LoRA, bf16 base": {"dtype": "bfloat16"},
+    "QLoRA (bitsandbytes NF4)": {"quantize": "nf4"},
+    "L4Q 4-bit, merged": {"l4q_bits": 4},
+    "L4Q 3-bit, merged": {"l4q_bits": 3},
+}
+
+
+def finetune_rows(args) -> list[list[str]]:
+    """Exact match after fine-tuning one task; L4Q is exported to its quantised matrices first."""
+    test = get_task(args.task).test_set(args.test_examples)
+    rows = []
+    for label, variant in FINETUNES.items():
+        with tempfile.TemporaryDirectory() as out:
+            config = TrainConfig.from_mapping({
+                "data": f"task:{args.task}", "output_dir": out, "max_steps": args.ft_steps,
+                "r": 16, "lora_alpha": 32, "lr": args.ft_lr, "batch_size": 8,
+                "warmup_steps": min(10, args.ft_steps // 5), "eval_every": 0, "seq_len": 128,
+                "l4q_group": 64, **variant,
+            })  # fmt: skip
+            result = train(config)
+        model = result.model
+        if "l4q_bits" in variant:
+            export_l4q(model)  # from here on no LoRA branch: one quantised matrix per layer
+        score = exact_match(model, result.tokenizer, test)["all"]["accuracy"]
+        report = weight_report(model)
+        quantized = report.quantized_weights
+        bits = f"{report.bits_per_quantized_weight if quantized else report.bits_per_parameter:.3f}"
+        rows.append([label, f"{score:.1%}", bits])
+        print(" | ".join(rows[-1]), flush=True)
     return rows
 
 
@@ -160,6 +245,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dense-dtype", default="bfloat16")
+    parser.add_argument("--lq-budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5])
+    parser.add_argument("--lq-bits", nargs="+", type=int, default=[2, 3, 4, 8])
+    parser.add_argument("--lq-blocks", nargs="+", type=int, default=[16, 32, 64])
+    parser.add_argument("--task", default="reverse_words")
+    parser.add_argument("--ft-steps", type=int, default=100)
+    parser.add_argument("--ft-lr", type=float, default=1e-3)
+    parser.add_argument("--test-examples", type=int, default=50)
     parser.add_argument("--speed-one", default=None, help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     args = parser.parse_args()
@@ -167,12 +259,15 @@ def main() -> None:
         args.bits, args.rank, args.iters, args.samples, args.seq_len = [3], 4, 1, 2, 64
         args.window, args.eval_tokens, args.batch, args.tokens, args.steps = 64, 128, 1, 32, 1
         args.dense_dtype = "float32"
+        args.lq_budgets, args.lq_bits, args.lq_blocks = [3.5], [3, 4], [64]
+        args.ft_steps, args.test_examples = 2, 2
     torch.manual_seed(0)
     if args.speed_one:
         print(json.dumps(speed_one(args.speed_one, args)))
         return
     argv = [a for a in argv if a != "--quick"] + (["--quick"] if args.quick else [])
     quality = quality_rows(args)
+    tuned = finetune_rows(args)
     speed = speed_rows(args, argv)
     body = (
         "## Quantised bases (`bench/quantize.py`)\n\n"
@@ -181,6 +276,12 @@ def main() -> None:
         f"fine-tuning; NF-k block 64 with int8 double quantisation; calibration {args.samples} x "
         f"{args.seq_len} tokens of the corpus train split.\n\n"
         + markdown_table(["base", "perplexity", "bits/quantised weight", "low-rank part"], quality)
+        + f"\n\nFine-tuning: task {args.task}, {args.ft_steps} steps, r16 α32 all-linear, batch 8, "
+        f"lr {args.ft_lr:g}, exact match on {args.test_examples} test prompts (greedy); L4Q "
+        "rows are scored after export (codes and one step and offset per group of 64: no LoRA "
+        "branch). A LoftQ-initialised NF3 fine-tune is missing: `rankwise train` cannot yet "
+        "start from an existing adapter.\n\n"
+        + markdown_table(["configuration", "exact match", "bits/weight (quantised, or all)"], tuned)
         + f"\n\nTraining step, r16 all-linear LoRA, batch {args.batch} x {args.tokens}, median "
         f"of {args.steps} steps after the first; each row its own process.\n\n"
         + markdown_table(

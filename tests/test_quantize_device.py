@@ -10,9 +10,12 @@ from architectures import tiny_model
 from device_discipline import FactoryRecorder
 
 import rankwise.quantize
+from rankwise.adapters import LoraConfig, inject_adapter
 from rankwise.quantize import BASES, quantize_model
 from rankwise.quantize.compensate import compensate
+from rankwise.quantize.l4q import export_l4q
 from rankwise.quantize.loftq import LoftQ
+from rankwise.quantize.lqlora import LQLoRA
 
 QUANTIZE = Path(rankwise.quantize.__file__).parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,4 +31,11 @@ def test_quantising_and_compensating_create_nothing_on_the_default_device(arch):
         model(tokens)
         LoftQ(bits=2, rank=2, iters=2).quantize(tiny_model(arch), 32)
         compensate(model, reference, "eora", 2, 4.0, tokens)
+        lq = LQLoRA(bits_budget=6.0, bits_choices=[2, 4], block_choices=[16], rank=2, iters=2,
+                    fisher=True)  # fmt: skip
+        lq.quantize(tiny_model(arch), 32, tokens)
+        l4q = tiny_model(arch)
+        inject_adapter(l4q, LoraConfig(r=2, l4q_bits=3, l4q_group=16))
+        export_l4q(l4q)
+        l4q(tokens)
     assert recorder.events == []

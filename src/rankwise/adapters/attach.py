@@ -17,6 +17,7 @@ from torch import nn
 from rankwise.adapters.dora import DoRA
 from rankwise.adapters.inject import adaptable_modules, expert_layers, inject_experts, module_kinds
 from rankwise.adapters.kasa import PENALTIES, KaSA
+from rankwise.adapters.l4q import check_not_l4q
 from rankwise.adapters.layer import ExpertSpec, LowRankExperts
 from rankwise.adapters.peft_format import LoraWeights, read_adapter, write_adapter
 from rankwise.adapters.weight_init import converted_alpha
@@ -132,6 +133,7 @@ def trained_half(
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, LowRankExperts]:
     """Read a PEFT adapter folder and attach it to the model as a single expert per module."""
+    check_not_l4q(path)
     return attach_adapters(model, [read_adapter(path)], [str(path)])
 
 

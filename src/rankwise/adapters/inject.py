@@ -18,6 +18,7 @@ from rankwise.adapters.coefficients import NOLA, LoLDU
 from rankwise.adapters.dora import DoRA
 from rankwise.adapters.init import POLICY_INITS, check_init
 from rankwise.adapters.kasa import PENALTIES, KaSA
+from rankwise.adapters.l4q import L4Q
 from rankwise.adapters.layer import ExpertSpec, LinearWrapper, LowRankExperts
 from rankwise.adapters.lori import b_masks, freeze_random_a, mask_b
 from rankwise.architectures import is_linear
@@ -93,6 +94,14 @@ class LoraConfig(Options):
     lori_b_density: float = option(
         0.1, "LoRI-S: fraction of B's entries trained (the paper's 90% sparsity)", within="(0, 1]"
     )
+    l4q_bits: int | None = option(
+        None,
+        "L4Q (arXiv 2402.04902): train W + s B A through a linear k-bit quantiser with learned "
+        "steps and offsets, so the merged weight is a quantised matrix (export: rankwise "
+        "quantize --method l4q --adapter RUN)",
+        within="[2, 8]",
+    )
+    l4q_group: int = option(64, "L4Q: inputs per quantisation group of a row", within="[1, inf)")
     rank_pattern: dict[str, int] = flagless({}, "module-name pattern -> rank (YAML only)")
     alpha_pattern: dict[str, float] = flagless({}, "module-name pattern -> alpha (YAML only)")
 
@@ -103,6 +112,8 @@ class LoraConfig(Options):
             raise RankwiseError("LoRA ranks in rank_pattern must be positive integers")
         if self.use_dora and self.init in POLICY_INITS:
             raise RankwiseError(f"use_dora and init {self.init} do not combine: each is a policy")
+        if self.l4q_bits is not None and (self.use_dora or self.init in POLICY_INITS):
+            raise RankwiseError(f"l4q_bits combines with neither use_dora nor init {self.init}")
         if self.lori_seed is not None and (self.init != "init_a" or self.use_dora):
             raise RankwiseError("LoRI (lori_seed) draws A itself: use it with init_a and no DoRA")
         if self.lori_b_mask and self.lori_seed is None:
@@ -229,9 +240,11 @@ def inject_adapter(
     """
     names = select_targets(model, config.target_modules)
     layers = inject_experts(model, {name: [config.expert_for(name)] for name in names}, initial)
-    for index, layer in enumerate(layers.values()):
+    for index, (name, layer) in enumerate(layers.items()):
         if config.use_dora:
             layer.policy = DoRA(layer)
+        elif config.l4q_bits is not None:
+            layer.policy = L4Q(layer, config.l4q_bits, config.l4q_group, name)
         elif config.init == "kasa":
             layer.policy = KaSA(layer, beta=config.kasa_beta, gamma=config.kasa_gamma)
         elif config.init == "loldu":

@@ -13,6 +13,9 @@ from torch import nn
 
 from rankwise.errors import RankwiseError
 
+# beside a saved adapter: the tensors of ``Policy.state``, keyed "<module>:<name>"
+POLICY_STATE = "policy_state.safetensors"
+
 if TYPE_CHECKING:
     from rankwise.adapters.layer import LowRankExperts
 

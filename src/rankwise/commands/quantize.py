@@ -1,4 +1,4 @@
-"""``rankwise quantize``: write a quantised model (NF-k, or LoftQ with its initial adapter)."""
+"""``rankwise quantize``: write a quantised model (NF-k, or LoftQ / LQ-LoRA with an adapter)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "quantize",
         help=f"write a quantised base model ({', '.join(METHODS)})",
         description="Quantise the base model's linear layers and write it (load it with "
-        "--model OUT); LoftQ also writes its low-rank part as the PEFT adapter OUT/adapter.",
+        "--model OUT); LoftQ and LQ-LoRA also write their low-rank part as the PEFT adapter "
+        "OUT/adapter.",
     )
     parser.add_argument("-o", "--output", default=None, help="folder to write the model into")
     add_options(parser, QuantizeOptions)
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> None:
     method = METHODS[options.method].from_mapping(options.settings, "method settings")
     loaded = options.load()
     model = loaded.model
-    factors = method.quantize(model, options.quant_block)
+    input_ids = method.calibration(loaded.tokenizer)  # LQ-LoRA's Fisher; None for the others
+    factors = method.quantize(model, options.quant_block, input_ids)
     adapter = None
     if factors:
         # quantised layers are [out, in] maps whatever the original layout: no fan_in_fan_out

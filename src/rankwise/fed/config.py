@@ -76,10 +76,11 @@ class FedConfig(TrainConfig):
             raise RankwiseError(
                 f"partition must be iid, task or dirichlet:ALPHA, got '{self.partition}'"
             )
-        if self.use_dora:
-            raise RankwiseError(
-                "federated runs train plain LoRA factors: use_dora is not supported"
-            )
+        for flag, given in (("use_dora", self.use_dora), ("l4q_bits", self.l4q_bits)):
+            if given:
+                raise RankwiseError(
+                    f"federated runs train plain LoRA factors: {flag} is not supported"
+                )
         if self.init not in PLAIN_INITS:
             raise RankwiseError(
                 f"federated runs start every client from the same factors: init must be one of "

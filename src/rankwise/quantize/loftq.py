@@ -66,7 +66,9 @@ class LoftQ(QuantizeMethod):
         return self.alpha
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, block: int) -> Factors:
+    def quantize(
+        self, model: nn.Module, block: int, input_ids: torch.Tensor | None = None
+    ) -> Factors:
         modules = quantizable(model)
         check_blocks(modules, block, self.bits)
         factors: Factors = {}

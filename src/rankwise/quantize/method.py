@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from rankwise.options import Options
 from rankwise.quantize.base import BaseQuantizer, quantize_model
@@ -22,9 +23,18 @@ class QuantizeMethod(Options):
 
     name: ClassVar[str]
 
-    def quantize(self, model: nn.Module, block: int) -> Factors:
-        """Quantise ``model`` in place; the factors of its initial adapter (empty if none)."""
+    def quantize(
+        self, model: nn.Module, block: int, input_ids: torch.Tensor | None = None
+    ) -> Factors:
+        """Quantise ``model`` in place; the factors of its initial adapter (empty if none).
+
+        ``input_ids`` are the calibration blocks ``calibration`` asked for (None if it did not).
+        """
         raise NotImplementedError(f"{type(self).__name__} does not implement quantize")
+
+    def calibration(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor | None:
+        """Calibration blocks (samples, seq_len) the method needs, or None (the default)."""
+        return None
 
     def adapter_alpha(self) -> float:
         """The lora_alpha the returned factors assume (their B is divided by alpha / r)."""
@@ -37,7 +47,9 @@ class PlainNF(QuantizeMethod):
 
     bits: ClassVar[int]
 
-    def quantize(self, model: nn.Module, block: int) -> Factors:
+    def quantize(
+        self, model: nn.Module, block: int, input_ids: torch.Tensor | None = None
+    ) -> Factors:
         quantize_model(model, BaseQuantizer(NFkLinear.from_weight, self.bits), block)
         return {}
 

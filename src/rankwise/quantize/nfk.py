@@ -99,6 +99,12 @@ def quantize_weight(weight: torch.Tensor, bits: int, block: int) -> dict[str, to
     return {"codes": pack(codes, bits), **state}
 
 
+def storage_bits(out_features: int, in_features: int, bits: int, block: int) -> int:
+    """Bits an [out, in] weight takes in NF-``bits``: codes, int8 absmax, fp32 scales and mean."""
+    blocks = out_features * in_features // block
+    return out_features * in_features * bits + 8 * blocks + 32 * -(-blocks // DOUBLE_BLOCK) + 32
+
+
 def dequantize_weight(
     state: dict[str, torch.Tensor], bits: int, shape: tuple[int, int]
 ) -> torch.Tensor:

@@ -4,8 +4,10 @@ A folder holds ``config.json`` with ``model_type`` ``rankwise_quantized`` (the b
 config, and one entry per quantised layer: bits, block, shape, bias), ``model.safetensors``
 (every tensor of the model; a quantised layer's packed codes are ``<layer>.weight`` (uint8),
 its double-quantised absmax ``<layer>.absmax_codes`` (int8), ``absmax_scale`` and
-``absmax_mean`` (float32)), the tokenizer, and ``rankwise_quantization.json`` (the run's
-record). A method with a low-rank part (LoftQ) adds its initial PEFT adapter in ``adapter/``.
+``absmax_mean`` (float32); an L4Q layer's (type ``int``) are ``<layer>.weight`` (uint8
+codes) and ``<layer>.scale``, ``<layer>.offset`` (float32, one per group)), the tokenizer, and
+``rankwise_quantization.json`` (the run's record). A method with a low-rank part (LoftQ,
+LQ-LoRA) adds its initial PEFT adapter in ``adapter/``.
 Plain transformers refuses the config instead of loading half-initialised weights.
 """
 
@@ -27,20 +29,23 @@ from rankwise.adapters.peft_format import LoraWeights, write_adapter
 from rankwise.atomic import atomic_folder
 from rankwise.compress.storage import base_of_record, holds_format
 from rankwise.errors import RankwiseError
+from rankwise.quantize.l4q import IntKLinear
 from rankwise.quantize.nfk import NFkLinear
 
 MODEL_TYPE = "rankwise_quantized"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 RECORD = "rankwise_quantization.json"
-ADAPTER = "adapter"  # the initial low-rank part (LoftQ), a PEFT adapter folder
+ADAPTER = "adapter"  # the initial low-rank part (LoftQ, LQ-LoRA), a PEFT adapter folder
+LAYERS = {"nfk": NFkLinear, "int": IntKLinear}  # an entry's type -> the layer it rebuilds
 
 
 def layer_entries(model: PreTrainedModel) -> dict[str, dict]:
-    """One entry per NF-k layer: what rebuilding it needs."""
+    """One entry per quantised layer rankwise stores: what rebuilding it needs."""
+    kinds = {cls: kind for kind, cls in LAYERS.items()}
     return {
         name: {
-            "type": "nfk",
+            "type": kinds[type(m)],
             "bits": m.bits,
             "block": m.block,
             "in_features": m.in_features,
@@ -48,7 +53,7 @@ def layer_entries(model: PreTrainedModel) -> dict[str, dict]:
             "bias": m.bias is not None,
         }
         for name, m in model.named_modules()
-        if isinstance(m, NFkLinear)
+        if type(m) in kinds
     }
 
 
@@ -65,7 +70,7 @@ def save_quantized(
         raise RankwiseError(f"output folder '{folder}' exists and is not empty")
     entries = layer_entries(model)
     if not entries:
-        raise RankwiseError("the model has no NF-k layers to save")
+        raise RankwiseError("the model has no NF-k or L4Q layers to save")
 
     def write(tmp: Path) -> None:
         save_safetensors(model, str(tmp / WEIGHTS))
@@ -92,15 +97,17 @@ def is_quantized(folder: str | Path) -> bool:
 
 
 def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Rebuild a quantised model (eval mode, frozen); NF-k layers keep float32 constants."""
+    """Rebuild a quantised model (eval mode, frozen); its layers keep float32 constants."""
     folder = Path(folder)
     meta, model = base_of_record(folder, "quantised-model", FORMAT_VERSION)
     for name, e in meta["layers"].items():
-        layer = NFkLinear(e["in_features"], e["out_features"], e["bits"], e["block"], e["bias"])
+        layer = LAYERS[e["type"]](
+            e["in_features"], e["out_features"], e["bits"], e["block"], e["bias"]
+        )
         model.set_submodule(name, layer)
     model.to(dtype)
     for layer in model.modules():
-        if isinstance(layer, NFkLinear):
+        if isinstance(layer, tuple(LAYERS.values())):
             layer.float()  # its scales stay float32 whatever the model's dtype
     try:
         load_safetensors(model, str(folder / WEIGHTS), strict=True)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from rankwise.adapters import copy_factors, inject_adapter, read_adapter, save_adapter
 from rankwise.adapters.lori import write_lori_record
+from rankwise.adapters.policy import POLICY_STATE
 from rankwise.adapters.weight_init import DATA_INITS
 from rankwise.atomic import atomic_file
 from rankwise.errors import RankwiseError
@@ -24,7 +25,6 @@ from rankwise.train.distributed import World
 
 # Beside a checkpoint's adapter: trained coefficients PEFT's format has no place for (LoLDU,
 # NOLA; the adapter holds the plain LoRA they make), so that --resume continues exactly.
-POLICY_STATE = "policy_state.safetensors"
 
 
 class Trainable(Protocol):

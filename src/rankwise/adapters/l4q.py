@@ -1,0 +1,139 @@
+"""L4Q (arXiv 2402.04902): quantisation-aware LoRA, a policy of the experts layer.
+
+    y = Q(W + s B A) x + b,    Q(V) = a * round(clamp((V - c) / a, 0, 2^k - 1)) + c
+
+per group of ``group`` consecutive inputs of a row, with the step a and offset c trained with
+the LoRA (LSQ, arXiv 1902.08153, with an offset as in LSQ+): rounding passes gradients straight
+through, the clamp does not, so V's gradient reaches B and A only for values inside the grid,
+a's is round(v) - v inside and the grid's end outside, c's is 0 inside and 1 outside (all from
+autograd on ``fake_quantize``). After training, the merged weight *is* the quantised matrix:
+``merge`` writes Q(W + s B A) into the base and the export (``rankwise quantize --method l4q``)
+stores its integer codes and (a, c): no LoRA branch at inference.
+
+Choices the paper leaves open, made here: a and c start from each group's min and max of W
+(a0 = (max - min) / (2^k - 1), c0 = min), so the first forward is W's round-to-nearest
+quantisation; they train as a = a0 (1 + gain), c = c0 + a0 shift with gain and shift from 0,
+so that Adam (which moves every parameter by about the learning rate) moves each group's grid
+by a share of its own step at the LoRA's learning rate, where a raw step of 0.01 would lose
+10% a step at lr 1e-3 (this stands in for LSQ's gradient scale 1/sqrt(N Q_p), made for SGD);
+the forward forms Q(W + s B A) [out, in] with autograd (the paper's custom backward that avoids
+keeping it is not reproduced), and the base's own product is computed and discarded; dropout
+on the adapter's input cannot act on a merged weight, so it is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from rankwise.adapters.layer import LowRankExperts
+from rankwise.adapters.policy import POLICY_STATE, Policy
+from rankwise.architectures import QuantizedLinear, dense_weight
+from rankwise.errors import RankwiseError
+
+
+def fake_quantize(
+    weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Q(weight) [out, in] on the grid offset + scale * {0 .. 2^bits - 1} of each group, with
+    straight-through rounding; ``scale`` and ``offset`` are [out, in / group]."""
+    out_features, in_features = weight.shape
+    grouped = weight.view(out_features, scale.shape[1], -1)  # (out, groups, group)
+    v = ((grouped - offset[..., None]) / scale[..., None]).clamp(0, 2**bits - 1)
+    v = v + (v.round() - v).detach()  # round forward, identity backward
+    return (v * scale[..., None] + offset[..., None]).view(out_features, in_features)
+
+
+def grid_codes(
+    weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """The integer codes [out, in] (uint8) that ``fake_quantize`` rounds ``weight`` to."""
+    grouped = weight.view(weight.shape[0], scale.shape[1], -1)  # (out, groups, group)
+    v = ((grouped - offset[..., None]) / scale[..., None]).clamp(0, 2**bits - 1)
+    return v.round().to(torch.uint8).view(weight.shape)
+
+
+class L4Q(Policy):
+    """One expert merged into W and quantised with a trained step and offset per group."""
+
+    def __init__(self, layer: LowRankExperts, bits: int, group: int, name: str = "layer"):
+        super().__init__()
+        if layer.num_experts != 1:
+            raise RankwiseError("L4Q adapts a layer with one expert, not a stack of them")
+        if isinstance(layer.base, QuantizedLinear):
+            raise RankwiseError(
+                "L4Q trains from the full-precision weight: load the model without --quantize"
+            )
+        if not isinstance(layer.dropout_runs[0], nn.Identity):
+            raise RankwiseError("L4Q quantises W + s B A as one matrix: set lora_dropout to 0")
+        weight = dense_weight(layer.base).detach().to(layer.lora_A)  # (out, in)
+        if weight.shape[1] % group:
+            raise RankwiseError(
+                f"l4q group {group} does not divide the input width {weight.shape[1]} of '{name}'"
+            )
+        grouped = weight.view(weight.shape[0], -1, group)  # (out, groups, group)
+        low, high = grouped.amin(2), grouped.amax(2)
+        self.bits = bits
+        # the layer's factors, unregistered here, so that ``state`` restores them on resume
+        self.factors = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
+        step = ((high - low) / (2**bits - 1)).clamp_min(1e-8)  # (out, groups)
+        self.register_buffer("initial_step", step, persistent=False)  # saved by ``state``
+        self.register_buffer("initial_offset", low.clone(), persistent=False)
+        # a = a0 (1 + gain), c = c0 + a0 shift: Adam moves each group by a share of its step
+        self.gain = nn.Parameter(torch.zeros_like(step))
+        self.shift = nn.Parameter(torch.zeros_like(step))
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"l4q_step_gain": self.gain, "l4q_offset_shift": self.shift}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything the export needs beside the PEFT adapter: the factors, the grid and its
+        width (the trainer restores a layer whose policy has state from this alone)."""
+        grid = {"l4q_initial_step": self.initial_step, "l4q_initial_offset": self.initial_offset}
+        width = {"l4q_bits": torch.tensor(self.bits)}
+        return {**self.factors, **self.adapter_params(), **grid, **width}
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step a, offset c) of every group, (out, groups) each, differentiable."""
+        step = self.initial_step * (1 + self.gain).clamp_min(1e-3)
+        return step, self.initial_offset + self.initial_step * self.shift
+
+    def quantized_weight(self, layer: LowRankExperts) -> torch.Tensor:
+        """Q(W + s B A) [out, in], differentiable in A, B, the step and the offset."""
+        weight = dense_weight(layer.base).to(layer.lora_A.dtype)
+        return fake_quantize(weight + layer.delta_weight(), *self.grid(), self.bits)
+
+    def forward(
+        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
+    ) -> torch.Tensor:
+        weight = self.held("weight", lambda: self.quantized_weight(layer), *self.sources(layer))
+        bias = None if layer.base.bias is None else layer.base.bias.to(x.dtype)
+        return nn.functional.linear(x, weight.to(x.dtype), bias)
+
+    def sources(self, layer: LowRankExperts) -> tuple[torch.Tensor, ...]:
+        grid = (self.gain, self.shift, self.initial_step, self.initial_offset)
+        return dense_weight(layer.base), layer.lora_A, layer.lora_B, *grid
+
+    def merge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
+        """W <- Q(W + s B A): the base becomes the quantised matrix itself."""
+        weight.copy_(self.quantized_weight(layer).to(weight.dtype))
+
+    def unmerge(self, layer: LowRankExperts, weight: torch.Tensor) -> None:
+        raise RankwiseError("L4Q's merge rounds W + s B A onto its grid: reload the base to undo")
+
+
+def check_not_l4q(folder: str | os.PathLike) -> None:
+    """Refuse an L4Q run read as a plain adapter: without its quantiser it is another model."""
+    state = Path(folder) / POLICY_STATE
+    if not state.is_file():
+        return
+    with safe_open(str(state), "pt") as saved:
+        if any(key.endswith(":l4q_bits") for key in saved.keys()):
+            raise RankwiseError(
+                f"'{folder}' is an L4Q run, whose adapter alone is not the trained model: export "
+                f"it (rankwise quantize --method l4q --adapter {folder} -o OUT) and use --model OUT"
+            )
