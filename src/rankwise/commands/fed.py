@@ -55,6 +55,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     client.add_argument("--server", required=True, help="the SuperLink's HOST:PORT")
     client.add_argument("--partition-id", type=int, required=True, help="this client's index")
     client.add_argument("--data", required=True, help="this client's training data (local path)")
+    client.add_argument(
+        "--port",
+        type=int,
+        default=9094,
+        help="the node's local runtime port (one per client on the same machine)",
+    )
     client.add_argument("--insecure", action="store_true", help="no TLS (loopback trials only)")
     client.add_argument("--root-certificates", default=None, help="CA certificate of the SuperLink")
     client.add_argument("--auth-supernode-private-key", default=None, help="node auth key")
@@ -132,6 +138,7 @@ def run_client(args: argparse.Namespace) -> None:
     data = str(Path(args.data).resolve())
     node = f'partition-id={args.partition_id} data="{data}"'
     command = [flwr_tool("flower-supernode"), "--superlink", args.server, "--node-config", node]
+    command += ["--port", str(args.port)]
     command += ["--insecure"] if args.insecure else []
     if args.root_certificates:
         command += ["--root-certificates", args.root_certificates]
