@@ -96,9 +96,8 @@ class LoraConfig(Options):
     )
     l4q_bits: int | None = option(
         None,
-        "L4Q (arXiv 2402.04902): train W + s B A through a linear k-bit quantiser with learned "
-        "steps and offsets, so the merged weight is a quantised matrix (export: rankwise "
-        "quantize --method l4q --adapter RUN)",
+        "L4Q (arXiv 2402.04902): train through a k-bit quantiser of W + s B A with learned steps "
+        "and offsets; the merged weight is quantised (export: quantize --method l4q)",
         within="[2, 8]",
     )
     l4q_group: int = option(64, "L4Q: inputs per quantisation group of a row", within="[1, inf)")
@@ -176,8 +175,7 @@ def select_targets(model: nn.Module, target_modules: Sequence[str] | str) -> lis
             t for t in target_modules if not any(n == t or n.endswith("." + t) for n in chosen)
         ]
     if unmatched or not chosen:
-        regex = isinstance(target_modules, str)
-        hint = " (a YAML string is one regex: list names as a YAML list)" if regex else ""
+        hint = " (a YAML string is one regex)" if isinstance(target_modules, str) else ""
         raise RankwiseError(
             f"target modules {unmatched or target_modules} match no linear layer of the model"
             f"{hint}; available: {', '.join(module_kinds(available))}"
