@@ -25,8 +25,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rankwise.adapters import LoraConfig
-from rankwise.fed.base import ClientUpdate, GlobalState, Method, Scores, held_mean
-from rankwise.fed.layers import layers_of, on_modules, scale_of
+from rankwise.fed.base import Scores
+from rankwise.fed.layers import AllocatingMethod, layers_of, on_modules, scale_of
 
 if TYPE_CHECKING:
     from rankwise.fed.config import FedConfig
@@ -57,16 +57,9 @@ def budget_of(config: FedConfig, partition_id: int, blocks: int) -> int:
     return config.hello_budget[partition_id % len(config.hello_budget)]
 
 
-class Hello(Method):
+class Hello(AllocatingMethod):
     name = "hello"
     paper = "2506.12213"
-    exact = False
-    trains = ("A", "B")
-
-    def aggregate(
-        self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]
-    ) -> GlobalState:
-        return held_mean(state, updates, weights)
 
     def local_lora(
         self, config: FedConfig, partition_id: int, modules: list[str], scores: Scores

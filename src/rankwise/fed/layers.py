@@ -1,4 +1,5 @@
-"""What hello and legend share: the targeted modules by layer, an adapter on some of them.
+"""What hello and legend share: the targeted modules by layer, an adapter on some of them, and
+the aggregation over the clients that trained each module.
 
 A "layer" is a decoder block (``...layers.<i>.``): Fed-HeLLo allocates and LEGEND counts depth
 in blocks, every targeted module of a block together.
@@ -12,6 +13,7 @@ import re
 
 from rankwise.adapters import LoraConfig
 from rankwise.architectures import block_index
+from rankwise.fed.base import ClientUpdate, GlobalState, Method, held_mean
 
 
 def layers_of(modules: list[str]) -> list[list[str]]:
@@ -40,3 +42,16 @@ def on_modules(lora: LoraConfig, ranks: dict[str, int], scale: float) -> LoraCon
         rank_pattern={re.escape(m): r for m, r in ranks.items()},
         alpha_pattern={re.escape(m): alpha(r) for m, r in ranks.items()},
     )
+
+
+class AllocatingMethod(Method):
+    """A method that gives each client its own modules and ranks: A and B train, and every rank
+    row is averaged over the clients that hold it (``held_mean``; FedIT's cross terms remain)."""
+
+    exact = False
+    trains = ("A", "B")
+
+    def aggregate(
+        self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]
+    ) -> GlobalState:
+        return held_mean(state, updates, weights)

@@ -21,8 +21,8 @@ import math
 from typing import TYPE_CHECKING
 
 from rankwise.adapters import LoraConfig
-from rankwise.fed.base import ClientUpdate, GlobalState, Method, Scores, held_mean
-from rankwise.fed.layers import layers_of, on_modules, scale_of
+from rankwise.fed.base import Scores
+from rankwise.fed.layers import AllocatingMethod, layers_of, on_modules, scale_of
 
 if TYPE_CHECKING:
     from rankwise.fed.config import FedConfig
@@ -49,16 +49,9 @@ def module_ranks(capability: float, modules: list[str], rank: int) -> dict[str, 
     return {m: ranks[i] for i in sorted(ranks) for m in layers[i]}
 
 
-class Legend(Method):
+class Legend(AllocatingMethod):
     name = "legend"
     paper = "2412.20004"
-    exact = False
-    trains = ("A", "B")
-
-    def aggregate(
-        self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]
-    ) -> GlobalState:
-        return held_mean(state, updates, weights)
 
     def global_lora(self, config: FedConfig, modules: list[str]) -> LoraConfig:
         lora = config.lora()
