@@ -8,7 +8,7 @@ from architectures import tiny_model
 from conftest import tiny_llama
 from torch import nn
 
-from rankwise.adapters import load_adapter
+from rankwise.adapters import load_adapter, read_adapter
 from rankwise.cli import main
 from rankwise.models import load_model
 from rankwise.quantize import BASES, NFkLinear, normal_float, quantize_model, weight_report
@@ -120,3 +120,19 @@ def test_loftq_verb_writes_its_low_rank_part_as_an_adapter(model_dir, tmp_path):
         plain_gap = (plain(tokens).logits - dense).norm()
         loftq_gap = (loftq(tokens).logits - dense).norm()
     assert loftq_gap < plain_gap
+
+
+def test_a_fine_tune_starts_from_the_loftq_adapter(model_dir, tmp_path):
+    out, data = tmp_path / "loftq", tmp_path / "data.jsonl"
+    args = ["quantize", "--model", str(model_dir), "--method", "loftq", "--quant-block", "32"]
+    assert main([*args, "--bits", "3", "--rank", "4", "--iters", "2", "-o", str(out)]) == 0
+    data.write_text("".join(f'{{"prompt": "w{i} w5", "completion": "w7"}}\n' for i in range(8)))
+    run = tmp_path / "run"
+    train_args = ["train", "--model", str(out), "--data", str(data), "--output-dir", str(run)]
+    steps = ["--max-steps", "1", "--batch-size", "4", "--lr", "1e-12", "--seq-len", "16"]
+    assert main([*train_args, *steps, "--init-adapter", str(out / "adapter")]) == 0
+    start, trained = read_adapter(out / "adapter"), read_adapter(run)
+    assert trained.factors.keys() == start.factors.keys()
+    for module, (a, b) in start.factors.items():
+        torch.testing.assert_close(trained.factors[module][0], a, rtol=0, atol=1e-6)
+        torch.testing.assert_close(trained.factors[module][1], b, rtol=0, atol=1e-6)

@@ -290,3 +290,39 @@ def test_a_training_step_places_every_tensor_explicitly(model_dir, tmp_path, mon
         "radargate": {"num_experts": 3, "angle_rank": 2},
     }[router]
     train_mixture(MixConfig.from_mapping({**cfg, "router": router, **extra}))
+
+
+def test_init_adapter_starts_the_run_from_its_factors_ranks_and_alphas(model_dir, tmp_path):
+    from rankwise.adapters import LoraConfig, inject_adapter, save_adapter
+    from rankwise.models import load_model
+
+    start = load_model(str(model_dir)).model
+    targets = LoraConfig(r=3, lora_alpha=5.0, target_modules=["q_proj", "v_proj"])
+    for layer in inject_adapter(start, targets).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    save_adapter(start, tmp_path / "start")
+    run = config(model_dir, tmp_path, init_adapter=str(tmp_path / "start"), lr=1e-12, max_steps=1)
+    train(run)
+    before, after = read_adapter(tmp_path / "start"), read_adapter(tmp_path / "run")
+    assert after.factors.keys() == before.factors.keys()
+    assert after.alphas == before.alphas == dict.fromkeys(before.factors, 5.0)
+    for module, (a, b) in before.factors.items():
+        assert a.shape[0] == 3
+        torch.testing.assert_close(after.factors[module][0], a, rtol=0, atol=1e-6)
+        torch.testing.assert_close(after.factors[module][1], b, rtol=0, atol=1e-6)
+
+
+def test_init_adapter_refuses_a_policy_and_an_adapter_of_another_model(model_dir, tmp_path):
+    with pytest.raises(RankwiseError, match="init_adapter gives the factors their start"):
+        config(model_dir, tmp_path, init_adapter=str(tmp_path), use_dora=True)
+    from rankwise.adapters import LoraConfig, inject_adapter, save_adapter, write_adapter
+    from rankwise.models import load_model
+
+    model = load_model(str(model_dir)).model
+    inject_adapter(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "mine")
+    other = read_adapter(tmp_path / "mine")
+    other.factors = {m: (a[:, :-2], b) for m, (a, b) in other.factors.items()}  # narrower input
+    write_adapter(other, tmp_path / "other")
+    with pytest.raises(RankwiseError, match="does not fit this model at"):
+        train(config(model_dir, tmp_path, init_adapter=str(tmp_path / "other")))

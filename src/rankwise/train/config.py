@@ -104,6 +104,21 @@ class TrainConfig(LoraConfig, RunConfig):
         "eva: stop reading calibration data once components move less (|cos| >= tau)",
         within="[0, 1]",
     )
+    init_adapter: str | None = option(
+        None,
+        "start from this PEFT adapter folder (a LoftQ, LQ-LoRA or EoRA output's adapter/): its "
+        "modules, ranks and alphas replace r, lora_alpha and target_modules",
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.init_adapter and (
+            self.init != "init_a" or self.use_dora or self.lori_seed is not None or self.l4q_bits
+        ):
+            raise RankwiseError(
+                "init_adapter gives the factors their start: use it without init, use_dora, "
+                "lori_seed or l4q_bits"
+            )
 
     def lora(self) -> LoraConfig:
         """The adapter settings alone."""

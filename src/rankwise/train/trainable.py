@@ -6,13 +6,23 @@ never looks inside either.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from rankwise.adapters import copy_factors, inject_adapter, read_adapter, save_adapter
+from rankwise.adapters import (
+    LoraConfig,
+    LoraWeights,
+    check_compatible,
+    copy_factors,
+    inject_adapter,
+    read_adapter,
+    save_adapter,
+)
 from rankwise.adapters.lori import write_lori_record
 from rankwise.adapters.policy import POLICY_STATE
 from rankwise.adapters.weight_init import DATA_INITS
@@ -55,16 +65,35 @@ class Trainable(Protocol):
         ...
 
 
+def shaped_like(lora: LoraConfig, start: LoraWeights) -> LoraConfig:
+    """``lora`` on exactly the modules of adapter ``start``, each at its rank and alpha."""
+    names = {module: re.escape(module) for module in start.factors}
+    return dataclasses.replace(
+        lora,
+        target_modules=list(start.factors),
+        rank_pattern={names[m]: a.shape[0] for m, (a, _) in start.factors.items()},
+        alpha_pattern={names[m]: start.alphas[m] for m in start.factors},
+        use_rslora=start.use_rslora,
+    )
+
+
 class LoraAdapter:
     """The default ``Trainable``: one fresh LoRA adapter, saved in PEFT's format."""
 
     def __init__(self, loaded: LoadedModel, config: TrainConfig):
         self.model = loaded.model
-        lora, initial = config.lora(), None
+        lora, initial, start = config.lora(), None, None
         if config.init in DATA_INITS:
             lora, initial = calibrated_start(loaded, config)
+        if config.init_adapter:
+            start = read_adapter(config.init_adapter)
+            check_compatible(self.model, start, f"init_adapter '{config.init_adapter}'")
+            lora = shaped_like(lora, start)
         self.config = lora
         self.layers = inject_adapter(self.model, lora, initial)
+        if start is not None:
+            with torch.no_grad():
+                copy_factors(self.layers, [start])
         self.device = model_device(self.model)
 
     def parameters(self) -> list[torch.nn.Parameter]:
