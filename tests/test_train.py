@@ -315,6 +315,10 @@ def test_init_adapter_starts_the_run_from_its_factors_ranks_and_alphas(model_dir
 def test_init_adapter_refuses_a_policy_and_an_adapter_of_another_model(model_dir, tmp_path):
     with pytest.raises(RankwiseError, match="init_adapter gives the factors their start"):
         config(model_dir, tmp_path, init_adapter=str(tmp_path), use_dora=True)
+    from rankwise.fed.config import FedConfig
+
+    with pytest.raises(RankwiseError, match="init_adapter is not supported"):
+        FedConfig(init_adapter=str(tmp_path))  # every client starts from the global state
     from rankwise.adapters import LoraConfig, inject_adapter, save_adapter, write_adapter
     from rankwise.models import load_model
 

@@ -76,7 +76,8 @@ class FedConfig(TrainConfig):
             raise RankwiseError(
                 f"partition must be iid, task or dirichlet:ALPHA, got '{self.partition}'"
             )
-        for flag, given in (("use_dora", self.use_dora), ("l4q_bits", self.l4q_bits)):
+        plain = (("use_dora", self.use_dora), ("l4q_bits", self.l4q_bits))
+        for flag, given in (*plain, ("init_adapter", self.init_adapter)):
             if given:
                 raise RankwiseError(
                     f"federated runs train plain LoRA factors: {flag} is not supported"
