@@ -148,6 +148,7 @@ def test_loraplus_updates_equal_peft():
 
     class Config:  # what LoraAdapter reads of a training config
         init = config.init
+        init_adapter = None
 
         def lora(self):
             return config
