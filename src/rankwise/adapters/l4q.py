@@ -17,7 +17,7 @@ so that Adam (which moves every parameter by about the learning rate) moves each
 by a share of its own step at the LoRA's learning rate, where a raw step of 0.01 would lose
 10% a step at lr 1e-3 (this stands in for LSQ's gradient scale 1/sqrt(N Q_p), made for SGD);
 the forward forms Q(W + s B A) [out, in] with autograd (the paper's custom backward that avoids
-keeping it is not reproduced), and the base's own product is computed and discarded; dropout
+keeping it is not reproduced) and replaces the base's product (``replaces_base``); dropout
 on the adapter's input cannot act on a merged weight, so it is refused.
 """
 
@@ -41,24 +41,30 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Q(weight) [out, in] on the grid offset + scale * {0 .. 2^bits - 1} of each group, with
     straight-through rounding; ``scale`` and ``offset`` are [out, in / group]."""
-    out_features, in_features = weight.shape
-    grouped = weight.view(out_features, scale.shape[1], -1)  # (out, groups, group)
-    v = ((grouped - offset[..., None]) / scale[..., None]).clamp(0, 2**bits - 1)
+    v = grid_position(weight, scale, offset, bits)
     v = v + (v.round() - v).detach()  # round forward, identity backward
-    return (v * scale[..., None] + offset[..., None]).view(out_features, in_features)
+    return (v * scale[..., None] + offset[..., None]).view(weight.shape)
 
 
 def grid_codes(
     weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
 ) -> torch.Tensor:
     """The integer codes [out, in] (uint8) that ``fake_quantize`` rounds ``weight`` to."""
-    grouped = weight.view(weight.shape[0], scale.shape[1], -1)  # (out, groups, group)
-    v = ((grouped - offset[..., None]) / scale[..., None]).clamp(0, 2**bits - 1)
-    return v.round().to(torch.uint8).view(weight.shape)
+    return grid_position(weight, scale, offset, bits).round().to(torch.uint8).view(weight.shape)
+
+
+def grid_position(
+    weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Each value's place on its group's grid, clamped to [0, 2^bits - 1]. (out, groups, group)"""
+    grouped = weight.view(weight.shape[0], scale.shape[1], -1)
+    return ((grouped - offset[..., None]) / scale[..., None]).clamp(0, 2**bits - 1)
 
 
 class L4Q(Policy):
     """One expert merged into W and quantised with a trained step and offset per group."""
+
+    replaces_base = True
 
     def __init__(self, layer: LowRankExperts, bits: int, group: int, name: str = "layer"):
         super().__init__()
@@ -108,7 +114,11 @@ class L4Q(Policy):
         return fake_quantize(weight + layer.delta_weight(), *self.grid(), self.bits)
 
     def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
+        self,
+        layer: LowRankExperts,
+        x: torch.Tensor,
+        gates: torch.Tensor | None,
+        into: torch.Tensor | None,
     ) -> torch.Tensor:
         weight = self.held("weight", lambda: self.quantized_weight(layer), *self.sources(layer))
         bias = None if layer.base.bias is None else layer.base.bias.to(x.dtype)

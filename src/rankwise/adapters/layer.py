@@ -139,10 +139,10 @@ class LowRankExperts(LinearWrapper):
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, **self.policy.adapter_params()}
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
-        return self.policy(self, x, gates, y)
+            return self.base(x)
+        into = None if self.policy.replaces_base else self.base(x)
+        return self.policy(self, x, gates, into)
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """x A^T for all experts at once, one product per dropout run (usually one). (..., R)

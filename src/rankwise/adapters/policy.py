@@ -28,13 +28,19 @@ class Policy(nn.Module):
     ``held`` keeps tensors derived from weights between inference forwards.
     """
 
+    replaces_base = False  # True: the policy forms the whole output, so the base never runs
+
     def __init__(self) -> None:
         super().__init__()
         # name -> (key of its sources, value); see ``held``
         self.kept: dict[Hashable, tuple[tuple, Any]] = {}
 
     def forward(
-        self, layer: LowRankExperts, x: torch.Tensor, gates: torch.Tensor | None, into: torch.Tensor
+        self,
+        layer: LowRankExperts,
+        x: torch.Tensor,
+        gates: torch.Tensor | None,
+        into: torch.Tensor | None,
     ) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not implement forward")
 
