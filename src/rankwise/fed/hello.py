@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from rankwise.adapters import LoraConfig
 from rankwise.fed.base import Scores
-from rankwise.fed.layers import AllocatingMethod, layers_of, on_modules, scale_of
+from rankwise.fed.layers import AllocatingMethod, layers_of, scale_of, scaled_on
 
 if TYPE_CHECKING:
     from rankwise.fed.config import FedConfig
@@ -72,4 +72,4 @@ class Hello(AllocatingMethod):
         else:
             chosen = pattern_layers(config.hello_pattern, len(layers), budget, partition_id)
         lora = config.lora()
-        return on_modules(lora, {m: lora.r for i in chosen for m in layers[i]}, scale_of(lora))
+        return scaled_on(lora, {m: lora.r for i in chosen for m in layers[i]}, scale_of(lora))

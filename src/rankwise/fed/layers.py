@@ -7,13 +7,12 @@ in blocks, every targeted module of a block together.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
 
 from rankwise.adapters import LoraConfig
 from rankwise.architectures import block_index
 from rankwise.fed.base import ClientUpdate, GlobalState, Method, held_mean
+from rankwise.train.trainable import on_modules
 
 
 def layers_of(modules: list[str]) -> list[list[str]]:
@@ -29,19 +28,11 @@ def scale_of(lora: LoraConfig) -> float:
     return lora.lora_alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
 
 
-def on_modules(lora: LoraConfig, ranks: dict[str, int], scale: float) -> LoraConfig:
+def scaled_on(lora: LoraConfig, ranks: dict[str, int], scale: float) -> LoraConfig:
     """``lora`` on the modules of ``ranks`` only, each at its rank with the scale ``scale``
     (alpha = s r, or s sqrt(r) with rsLoRA), so a factor means the same at every rank."""
-
-    def alpha(rank: int) -> float:
-        return scale * (math.sqrt(rank) if lora.use_rslora else rank)
-
-    return dataclasses.replace(
-        lora,
-        target_modules=list(ranks),
-        rank_pattern={re.escape(m): r for m, r in ranks.items()},
-        alpha_pattern={re.escape(m): alpha(r) for m, r in ranks.items()},
-    )
+    root = math.sqrt if lora.use_rslora else float
+    return on_modules(lora, ranks, {m: scale * root(r) for m, r in ranks.items()})
 
 
 class AllocatingMethod(Method):

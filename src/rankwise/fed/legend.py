@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from rankwise.adapters import LoraConfig
 from rankwise.fed.base import Scores
-from rankwise.fed.layers import AllocatingMethod, layers_of, on_modules, scale_of
+from rankwise.fed.layers import AllocatingMethod, layers_of, scale_of, scaled_on
 
 if TYPE_CHECKING:
     from rankwise.fed.config import FedConfig
@@ -55,11 +55,11 @@ class Legend(AllocatingMethod):
 
     def global_lora(self, config: FedConfig, modules: list[str]) -> LoraConfig:
         lora = config.lora()
-        return on_modules(lora, module_ranks(1.0, modules, lora.r), scale_of(lora))
+        return scaled_on(lora, module_ranks(1.0, modules, lora.r), scale_of(lora))
 
     def local_lora(
         self, config: FedConfig, partition_id: int, modules: list[str], scores: Scores
     ) -> LoraConfig:
         lora = config.lora()
         ranks = module_ranks(capability_of(config, partition_id), modules, lora.r)
-        return on_modules(lora, ranks, scale_of(lora))
+        return scaled_on(lora, ranks, scale_of(lora))

@@ -65,16 +65,21 @@ class Trainable(Protocol):
         ...
 
 
-def shaped_like(lora: LoraConfig, start: LoraWeights) -> LoraConfig:
-    """``lora`` on exactly the modules of adapter ``start``, each at its rank and alpha."""
-    names = {module: re.escape(module) for module in start.factors}
+def on_modules(lora: LoraConfig, ranks: dict[str, int], alphas: dict[str, float]) -> LoraConfig:
+    """``lora`` on exactly the modules of ``ranks``, each at its own rank and alpha."""
+    names = {module: re.escape(module) for module in ranks}
     return dataclasses.replace(
         lora,
-        target_modules=list(start.factors),
-        rank_pattern={names[m]: a.shape[0] for m, (a, _) in start.factors.items()},
-        alpha_pattern={names[m]: start.alphas[m] for m in start.factors},
-        use_rslora=start.use_rslora,
+        target_modules=list(ranks),
+        rank_pattern={names[m]: rank for m, rank in ranks.items()},
+        alpha_pattern={names[m]: alphas[m] for m in ranks},
     )
+
+
+def shaped_like(lora: LoraConfig, start: LoraWeights) -> LoraConfig:
+    """``lora`` on exactly the modules of adapter ``start``, each at its rank and alpha."""
+    ranks = {module: a.shape[0] for module, (a, _) in start.factors.items()}
+    return dataclasses.replace(on_modules(lora, ranks, start.alphas), use_rslora=start.use_rslora)
 
 
 class LoraAdapter:
