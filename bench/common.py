@@ -7,6 +7,8 @@ name, and rewrites only that section, so scripts can be re-run in any order.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import re
@@ -23,6 +25,22 @@ from rankwise.train.distributed import World
 from rankwise.train.examples import batch_indices, build_examples, label_tokens
 from rankwise.train.loss import summed_loss
 from rankwise.train.schedule import learning_rate
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB since its start or ``reset_peak_rss`` (Linux's
+    VmHWM; ``ru_maxrss`` would carry over the parent's peak through fork and exec)."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Give freed heap back to the system (glibc keeps it otherwise), then start
+    ``peak_rss_mb`` again from the current resident memory."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEvery table below is written by the bench/ script named in its heading.\n"

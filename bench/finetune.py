@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, train_peft, write_section  # noqa: E402
+from common import machine, markdown_table, peak_rss_mb, train_peft, write_section  # noqa: E402
 
 from rankwise.data import TASKS, get_task  # noqa: E402
 from rankwise.evaluate.accuracy import exact_match  # noqa: E402
@@ -208,7 +207,7 @@ def main() -> None:
                 result = peft_worker(steps, dora)
             else:
                 result = rankwise_worker(steps, "float32" if dora else variant, out, dora)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -9,13 +9,15 @@ block 64) plain and with LoftQ (rank ``--rank``, ``--iters`` steps); LQ-LoRA (ra
 at most ``--iters`` alternations) at each of ``--lq-budgets`` average bits of the quantised
 part (NF-k constants included, the paper's count: the low-rank part is the same for every
 configuration and shown beside), data-free and with the Fisher at the budget nearest 3;
-bitsandbytes NF4; EoRA (rank ``--rank``) on NF3 and on the 2:4-pruned model, with calibration
-statistics of the compressed model on the corpus train split. Fine-tuning: exact match on the
-test split of ``--task`` after ``--ft-steps`` steps of r16 LoRA on a bf16 base, on QLoRA's
-bitsandbytes NF4, and L4Q 4- and 3-bit merged into one quantised matrix (no LoRA branch).
+bitsandbytes NF4; EoRA (rank ``--rank``) on NF3, on the 2:4-pruned model and on A³ at 30%, with
+calibration statistics of the compressed model on the corpus train split. Fine-tuning: exact
+match on the test split of ``--task`` after ``--ft-steps`` steps of r16 LoRA on a bf16 base, on
+QLoRA's bitsandbytes NF4, on a LoftQ NF3 base from its low-rank part (``rankwise quantize``, then
+``--init-adapter``), and L4Q 4- and 3-bit merged into one quantised matrix (no LoRA branch).
 Speed: one training step of r16 all-linear LoRA at ``--batch`` x ``--tokens`` on a dense base
-(``--dense-dtype``), on rankwise's bitsandbytes-NF4 base and with PEFT's QLoRA on the same NF4
-base; each in its own process so its peak RSS is its own. ``--quick`` shrinks everything to
+(``--dense-dtype``), on rankwise's bitsandbytes-NF4 base computing in that dtype (QLoRA's
+setting) and with PEFT's QLoRA on the same NF4 base; each in its own process so its peak RSS is
+its own. ``--quick`` shrinks everything to
 check the script in a few minutes (its numbers mean nothing). Writes the tables into
 docs/benchmarks.md (section "quantization") unless --quick.
 """
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,10 +35,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, write_section  # noqa: E402
+from common import machine, markdown_table, peak_rss_mb, reset_peak_rss, write_section  # noqa: E402
 
 from rankwise.adapters import LoraConfig, attach_adapters, inject_adapter  # noqa: E402
 from rankwise.adapters.peft_format import LoraWeights  # noqa: E402
+from rankwise.cli import main as cli  # noqa: E402
 from rankwise.compress import compress  # noqa: E402
 from rankwise.compress.calibration import calibration_data  # noqa: E402
 from rankwise.data import get_task  # noqa: E402
@@ -87,8 +89,11 @@ def quality_rows(args) -> list[list[str]]:
     model = load_model().model
     quantize_model(model, BASES["nf4"], 64)
     rows.append(row("NF4 (bitsandbytes)", model))
-    for label, make in (("NF3", nf3), ("2:4 pruned", pruned))[: 1 if args.quick else 2]:
+    bases = (("NF3", nf3), ("2:4 pruned", pruned), ("A³ 30%", a3))
+    for label, make in bases[: 1 if args.quick else 3]:
         model = make(dense.tokenizer)
+        if label != "NF3":  # NF3 alone is a row above
+            rows.append(row(label, model))
         result = compensate(model, dense.model, "eora", args.rank, 2.0 * args.rank,
                             calib.input_ids)  # fmt: skip
         attach_adapters(model, [result.adapter])
@@ -136,6 +141,7 @@ def low_rank_bits(factors, model) -> str:
 FINETUNES = {
     "LoRA, bf16 base": {"dtype": "bfloat16"},
     "QLoRA (bitsandbytes NF4)": {"quantize": "nf4"},
+    "LoftQ-initialised NF3 (r16, T=5)": {"loftq_bits": 3},
     "L4Q 4-bit, merged": {"l4q_bits": 4},
     "L4Q 3-bit, merged": {"l4q_bits": 3},
 }
@@ -146,7 +152,8 @@ def finetune_rows(args) -> list[list[str]]:
     test = get_task(args.task).test_set(args.test_examples)
     rows = []
     for label, variant in FINETUNES.items():
-        with tempfile.TemporaryDirectory() as out:
+        with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as base:
+            variant = loftq_start(base, args, **variant)
             config = TrainConfig.from_mapping({
                 "data": f"task:{args.task}", "output_dir": out, "max_steps": args.ft_steps,
                 "r": 16, "lora_alpha": 32, "lr": args.ft_lr, "batch_size": 8,
@@ -166,6 +173,19 @@ def finetune_rows(args) -> list[list[str]]:
     return rows
 
 
+def loftq_start(folder: str, args, loftq_bits: int = 0, **variant) -> dict:
+    """With ``loftq_bits``: the LoftQ model written by ``rankwise quantize`` into ``folder``, and
+    the training keys that start from it and its low-rank part; otherwise ``variant`` as given."""
+    if not loftq_bits:
+        return variant
+    quantize = ["quantize", "--method", "loftq", "--bits", str(loftq_bits), "--quant-block", "64",
+                "--rank", "16", "--alpha", "32", "--iters", str(args.iters),
+                "-o", f"{folder}/model"]  # fmt: skip
+    if cli(quantize) != 0:
+        raise SystemExit("rankwise quantize --method loftq failed")
+    return {**variant, "model": f"{folder}/model", "init_adapter": f"{folder}/model/adapter"}
+
+
 def attach(model, factors, alpha: float) -> None:
     attach_adapters(model, [LoraWeights(factors, dict.fromkeys(factors, alpha))])
 
@@ -182,10 +202,18 @@ def pruned(tokenizer):
     return model
 
 
+def a3(tokenizer):
+    model = load_model().model
+    compress(model, tokenizer, "a3", 0.3)
+    return model
+
+
 def speed_one(kind: str, args) -> dict:
     """One configuration's training speed and peak RSS (run in a fresh process)."""
-    dtype = args.dense_dtype if kind == "dense" else "float32"
-    loaded = load_model(dtype=dtype, quantize=None if kind == "dense" else "nf4")
+    reset_peak_rss()
+    runtime = peak_rss_mb()  # the libraries alone, before any model: the same in every row
+    # QLoRA's setting: NF4 storage, computed in the dense base's dtype (bf16)
+    loaded = load_model(dtype=args.dense_dtype, quantize=None if kind == "dense" else "nf4")
     model = loaded.model
     if kind == "peft":
         from peft import LoraConfig as PeftLoraConfig
@@ -199,6 +227,8 @@ def speed_one(kind: str, args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     tokens = torch.randint(3, 40000, (args.batch, args.tokens), generator=torch.Generator())
     model.train()
+    load_peak = peak_rss_mb()
+    reset_peak_rss()  # from here: the memory training holds, the load's transient copies gone
     times = []
     for _ in range(args.steps + 1):
         start = time.perf_counter()
@@ -209,26 +239,34 @@ def speed_one(kind: str, args) -> dict:
     per_step = sorted(times[1:])[len(times[1:]) // 2]  # the median, the first step excluded
     return {
         "tokens_per_s": args.batch * args.tokens / per_step,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
+        "load_peak_rss_mb": load_peak,
+        "runtime_rss_mb": runtime,
         "weight_bytes": weight_report(loaded.model).weight_bytes,
     }
 
 
 def speed_rows(args, argv: list[str]) -> list[list[str]]:
     rows, results = [], {}
-    labels = {"dense": f"dense {args.dense_dtype} + LoRA", "nf4": "NF4 + LoRA (rankwise)",
+    labels = {"dense": f"dense {args.dense_dtype} + LoRA", "nf4": "NF4 + LoRA (rankwise QLoRA)",
               "peft": "NF4 + LoRA (PEFT QLoRA)"}  # fmt: skip
     for kind, label in labels.items():
         out = subprocess.run([sys.executable, __file__, *argv, "--speed-one", kind],
                              check=True, capture_output=True, text=True).stdout  # fmt: skip
         results[kind] = json.loads(out.strip().splitlines()[-1])
         r = results[kind]
-        rows.append([label, f"{r['weight_bytes'] / 2**20:.0f}", f"{r['peak_rss_mb']:.0f}",
-                     f"{r['tokens_per_s']:.0f}",
-                     f"{r['peak_rss_mb'] / results['dense']['peak_rss_mb']:.2f}",
+        rows.append([label, f"{r['weight_bytes'] / 2**20:.0f}", f"{r['load_peak_rss_mb']:.0f}",
+                     f"{r['peak_rss_mb']:.0f}", f"{r['tokens_per_s']:.0f}",
+                     f"{r['runtime_rss_mb']:.0f}",
+                     f"{model_rss(r) / model_rss(results['dense']):.2f}",
                      f"{r['tokens_per_s'] / results['dense']['tokens_per_s']:.2f}"])  # fmt: skip
         print(" | ".join(rows[-1]), flush=True)
     return rows
+
+
+def model_rss(result: dict) -> float:
+    """Training's peak RSS less the libraries' own: the memory the model and its training take."""
+    return result["peak_rss_mb"] - result["runtime_rss_mb"]
 
 
 def main() -> None:
@@ -279,18 +317,23 @@ def main() -> None:
         + f"\n\nFine-tuning: task {args.task}, {args.ft_steps} steps, r16 α32 all-linear, batch 8, "
         f"lr {args.ft_lr:g}, exact match on {args.test_examples} test prompts (greedy); L4Q "
         "rows are scored after export (codes and one step and offset per group of 64: no LoRA "
-        "branch). A LoftQ-initialised NF3 fine-tune is missing: `rankwise train` cannot yet "
-        "start from an existing adapter.\n\n"
+        "branch); the LoftQ row trains from `rankwise quantize --method loftq` with "
+        "`--init-adapter`, its NF3 base frozen.\n\n"
         + markdown_table(["configuration", "exact match", "bits/weight (quantised, or all)"], tuned)
         + f"\n\nTraining step, r16 all-linear LoRA, batch {args.batch} x {args.tokens}, median "
-        f"of {args.steps} steps after the first; each row its own process.\n\n"
+        f"of {args.steps} steps after the first; each row its own process; peak RSS (VmHWM) while "
+        "loading, then reset and measured over the training steps; the libraries' RSS "
+        "(torch, transformers, bitsandbytes, PEFT) is measured before any model loads, and the "
+        "memory ratio is over what training holds beyond it.\n\n"
         + markdown_table(
             [
                 "configuration",
                 "weights MiB",
-                "peak RSS MiB",
+                "peak RSS loading MiB",
+                "peak RSS training MiB",
                 "tokens/s",
-                "RSS x dense",
+                "RSS of libraries MiB",
+                "(training − libraries) x dense",
                 "tokens/s x dense",
             ],
             speed,

@@ -14,6 +14,7 @@ from rankwise.adapters.inject import expert_layers
 from rankwise.adapters.l4q import L4Q
 from rankwise.adapters.peft_format import read_adapter
 from rankwise.adapters.policy import POLICY_STATE
+from rankwise.architectures import dense_weight
 from rankwise.cli import main
 from rankwise.errors import RankwiseError
 from rankwise.fed.config import FedConfig
@@ -70,6 +71,48 @@ def test_gradients_reach_the_factors_and_the_grid_straight_through():
         s = layer.experts[0].scaling
     assert torch.allclose(layer.lora_B.grad, s * grad_merged @ layer.lora_A.T, atol=1e-5)
     assert torch.allclose(layer.lora_A.grad, s * layer.lora_B.T @ grad_merged, atol=1e-5)
+
+
+def straight_through_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The L4Q layer's output by autograd alone: LSQ's round with an identity gradient."""
+    step, offset = layer.policy.grid()
+    merged = dense_weight(layer.base) + layer.delta_weight()
+    place = (merged.view(merged.shape[0], step.shape[1], -1) - offset[..., None]) / step[..., None]
+    v = place.clamp(0, 2**layer.policy.bits - 1)
+    v = v + (v.round() - v).detach()
+    quantized = (v * step[..., None] + offset[..., None]).view_as(merged)
+    return nn.functional.linear(x, quantized, layer.base.bias)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_written_out_backward_equals_autograd_through_the_quantiser(arch):
+    model = l4q_model(arch)
+    for layer in list(expert_layers(model).values())[:3]:
+        with torch.no_grad():  # a grid that clips some values, so both clamp branches are taken
+            layer.policy.gain.uniform_(-0.3, 0.1)
+            layer.policy.shift.uniform_(-0.5, 0.5)
+        if layer.base.bias is not None:
+            layer.base.bias.requires_grad_(True)
+        x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+        grad_y = torch.randn(2, 5, layer.out_features)
+        params = [x, layer.lora_A, layer.lora_B, layer.policy.gain, layer.policy.shift]
+        params += [layer.base.bias] if layer.base.bias is not None else []
+        got = torch.autograd.grad(layer(x), params, grad_y)
+        want = torch.autograd.grad(straight_through_forward(layer, x), params, grad_y)
+        torch.testing.assert_close(layer(x), straight_through_forward(layer, x))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_training_forward_keeps_no_weight_sized_tensor_for_the_backward():
+    model = l4q_model()
+    layer = next(iter(expert_layers(model).values()))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(torch.randn(3, layer.in_features))
+    weight = dense_weight(layer.base)
+    large = [t for t in saved if t.numel() >= weight.numel() and t.data_ptr() != weight.data_ptr()]
+    assert saved and not large  # autograd through the quantiser keeps three of them
 
 
 def test_training_through_the_quantiser_lowers_the_loss():

@@ -5,10 +5,11 @@
 per group of ``group`` consecutive inputs of a row, with the step a and offset c trained with
 the LoRA (LSQ, arXiv 1902.08153, with an offset as in LSQ+): rounding passes gradients straight
 through, the clamp does not, so V's gradient reaches B and A only for values inside the grid,
-a's is round(v) - v inside and the grid's end outside, c's is 0 inside and 1 outside (all from
-autograd on ``fake_quantize``). After training, the merged weight *is* the quantised matrix:
-``merge`` writes Q(W + s B A) into the base and the export (``rankwise quantize --method l4q``)
-stores its integer codes and (a, c): no LoRA branch at inference.
+a's is round(v) - v inside and the grid's end outside, c's is 0 inside and 1 outside (written
+out in ``QuantizedLowRank``'s backward; a test checks them against autograd). After training,
+the merged weight *is* the quantised matrix: ``merge`` writes Q(W + s B A) into the base and
+the export (``rankwise quantize --method l4q``) stores its integer codes and (a, c): no LoRA
+branch at inference.
 
 Choices the paper leaves open, made here: a and c start from each group's min and max of W
 (a0 = (max - min) / (2^k - 1), c0 = min), so the first forward is W's round-to-nearest
@@ -16,9 +17,11 @@ quantisation; they train as a = a0 (1 + gain), c = c0 + a0 shift with gain and s
 so that Adam (which moves every parameter by about the learning rate) moves each group's grid
 by a share of its own step at the LoRA's learning rate, where a raw step of 0.01 would lose
 10% a step at lr 1e-3 (this stands in for LSQ's gradient scale 1/sqrt(N Q_p), made for SGD);
-the forward forms Q(W + s B A) [out, in] with autograd (the paper's custom backward that avoids
-keeping it is not reproduced) and replaces the base's product (``replaces_base``); dropout
-on the adapter's input cannot act on a merged weight, so it is refused.
+the training forward is one autograd function (``QuantizedLowRank``) that keeps only x, W, A, B
+and the grid and forms Q(W + s B A) again in its backward, as the paper's memory-saving backward
+does, where autograd through the quantiser would hold four [out, in] tensors per layer until the
+backward; it replaces the base's product (``replaces_base``). Dropout on the adapter's input
+cannot act on a merged weight, so it is refused.
 """
 
 from __future__ import annotations
@@ -36,29 +39,53 @@ from rankwise.architectures import QuantizedLinear, dense_weight
 from rankwise.errors import RankwiseError
 
 
-def fake_quantize(
-    weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
-) -> torch.Tensor:
-    """Q(weight) [out, in] on the grid offset + scale * {0 .. 2^bits - 1} of each group, with
-    straight-through rounding; ``scale`` and ``offset`` are [out, in / group]."""
-    v = grid_position(weight, scale, offset, bits)
-    v = v + (v.round() - v).detach()  # round forward, identity backward
-    return (v * scale[..., None] + offset[..., None]).view(weight.shape)
+def on_grid(
+    weight: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q(weight) [out, in] on each group's grid offset + step * {0 .. 2^bits - 1}, with each
+    value's place on it (unclamped) and its code, both (out, groups, group); ``step`` and
+    ``offset`` are (out, groups)."""
+    grouped = weight.view(weight.shape[0], step.shape[1], -1)
+    place = (grouped - offset[..., None]) / step[..., None]
+    codes = place.clamp(0, 2**bits - 1).round()
+    return (codes * step[..., None] + offset[..., None]).view(weight.shape), place, codes
 
 
 def grid_codes(
-    weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
+    weight: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, bits: int
 ) -> torch.Tensor:
-    """The integer codes [out, in] (uint8) that ``fake_quantize`` rounds ``weight`` to."""
-    return grid_position(weight, scale, offset, bits).round().to(torch.uint8).view(weight.shape)
+    """The integer codes [out, in] (uint8) of ``weight`` on its grid."""
+    return on_grid(weight, step, offset, bits)[2].to(torch.uint8).view(weight.shape)
 
 
-def grid_position(
-    weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
-) -> torch.Tensor:
-    """Each value's place on its group's grid, clamped to [0, 2^bits - 1]. (out, groups, group)"""
-    grouped = weight.view(weight.shape[0], scale.shape[1], -1)
-    return ((grouped - offset[..., None]) / scale[..., None]).clamp(0, 2**bits - 1)
+class QuantizedLowRank(torch.autograd.Function):
+    """y = x Q(W + B A)^T + bias with LSQ's gradients written out: rounding straight through,
+    the clamp stopping them, so that no [out, in] tensor is kept between forward and backward
+    (Q is formed again there)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_b, lora_a, step, offset, bits, bias):
+        ctx.save_for_backward(x, weight, lora_b, lora_a, step, offset)
+        ctx.bits = bits
+        merged = weight.to(lora_a.dtype) + lora_b @ lora_a
+        quantized = on_grid(merged, step, offset, bits)[0]
+        return nn.functional.linear(x, quantized.to(x.dtype), None if bias is None else bias.to(x))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_b, lora_a, step, offset = ctx.saved_tensors
+        merged = weight.to(lora_a.dtype) + lora_b @ lora_a
+        quantized, place, codes = on_grid(merged, step, offset, ctx.bits)
+        inside = (place >= 0) & (place <= 2**ctx.bits - 1)  # torch.clamp's gradient rule
+        grad_x = grad_out @ quantized.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        flat_grad, flat_x = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_q = (flat_grad.t() @ flat_x).to(lora_a.dtype).view(place.shape)  # dL/dQ, grouped
+        grad_step = (grad_q * torch.where(inside, codes - place, codes)).sum(2)
+        grad_offset = (grad_q * ~inside).sum(2)
+        grad_merged = (grad_q * inside).view(merged.shape)
+        grad_b, grad_a = grad_merged @ lora_a.t(), lora_b.t() @ grad_merged
+        grad_bias = flat_grad.sum(0) if ctx.needs_input_grad[7] else None
+        return grad_x, None, grad_b, grad_a, grad_step, grad_offset, None, grad_bias
 
 
 class L4Q(Policy):
@@ -108,10 +135,11 @@ class L4Q(Policy):
         step = self.initial_step * (1 + self.gain).clamp_min(1e-3)
         return step, self.initial_offset + self.initial_step * self.shift
 
+    @torch.no_grad()
     def quantized_weight(self, layer: LowRankExperts) -> torch.Tensor:
-        """Q(W + s B A) [out, in], differentiable in A, B, the step and the offset."""
+        """Q(W + s B A) [out, in] (training's forward forms it inside ``QuantizedLowRank``)."""
         weight = dense_weight(layer.base).to(layer.lora_A.dtype)
-        return fake_quantize(weight + layer.delta_weight(), *self.grid(), self.bits)
+        return on_grid(weight + layer.delta_weight(), *self.grid(), self.bits)[0]
 
     def forward(
         self,
@@ -120,9 +148,15 @@ class L4Q(Policy):
         gates: torch.Tensor | None,
         into: torch.Tensor | None,
     ) -> torch.Tensor:
+        bias = layer.base.bias
+        if torch.is_grad_enabled():
+            scaled_b = layer.lora_B * layer.rank_gate(None)
+            weight = dense_weight(layer.base)
+            return QuantizedLowRank.apply(
+                x, weight, scaled_b, layer.lora_A, *self.grid(), self.bits, bias
+            )
         weight = self.held("weight", lambda: self.quantized_weight(layer), *self.sources(layer))
-        bias = None if layer.base.bias is None else layer.base.bias.to(x.dtype)
-        return nn.functional.linear(x, weight.to(x.dtype), bias)
+        return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x))
 
     def sources(self, layer: LowRankExperts) -> tuple[torch.Tensor, ...]:
         grid = (self.gain, self.shift, self.initial_step, self.initial_offset)
