@@ -16,8 +16,8 @@ QLoRA's bitsandbytes NF4, on a LoftQ NF3 base from its low-rank part (``rankwise
 ``--init-adapter``), and L4Q 4- and 3-bit merged into one quantised matrix (no LoRA branch).
 Speed: one training step of r16 all-linear LoRA at ``--batch`` x ``--tokens`` on a dense base
 (``--dense-dtype``), on rankwise's bitsandbytes-NF4 base computing in that dtype (QLoRA's
-setting) and with PEFT's QLoRA on the same NF4 base; each in its own process so its peak RSS is
-its own. ``--quick`` shrinks everything to
+setting), with PEFT's QLoRA on the same NF4 base, and L4Q 4-bit training on the fp32 weight;
+each in its own process so its peak RSS is its own. ``--quick`` shrinks everything to
 check the script in a few minutes (its numbers mean nothing). Writes the tables into
 docs/benchmarks.md (section "quantization") unless --quick.
 """
@@ -213,7 +213,8 @@ def speed_one(kind: str, args) -> dict:
     reset_peak_rss()
     runtime = peak_rss_mb()  # the libraries alone, before any model: the same in every row
     # QLoRA's setting: NF4 storage, computed in the dense base's dtype (bf16)
-    loaded = load_model(dtype=args.dense_dtype, quantize=None if kind == "dense" else "nf4")
+    quantize = "nf4" if kind in ("nf4", "peft") else None
+    loaded = load_model(dtype="float32" if kind == "l4q" else args.dense_dtype, quantize=quantize)
     model = loaded.model
     if kind == "peft":
         from peft import LoraConfig as PeftLoraConfig
@@ -221,8 +222,9 @@ def speed_one(kind: str, args) -> dict:
 
         model = get_peft_model(model, PeftLoraConfig(r=16, lora_alpha=32,
                                                      target_modules="all-linear"))  # fmt: skip
-    else:
-        inject_adapter(model, LoraConfig(r=16, lora_alpha=32))
+    else:  # L4Q trains from the fp32 weight (its grid is learnt on it)
+        l4q = {"l4q_bits": 4, "l4q_group": 64} if kind == "l4q" else {}
+        inject_adapter(model, LoraConfig(r=16, lora_alpha=32, **l4q))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     tokens = torch.randint(3, 40000, (args.batch, args.tokens), generator=torch.Generator())
@@ -249,7 +251,7 @@ def speed_one(kind: str, args) -> dict:
 def speed_rows(args, argv: list[str]) -> list[list[str]]:
     rows, results = [], {}
     labels = {"dense": f"dense {args.dense_dtype} + LoRA", "nf4": "NF4 + LoRA (rankwise QLoRA)",
-              "peft": "NF4 + LoRA (PEFT QLoRA)"}  # fmt: skip
+              "peft": "NF4 + LoRA (PEFT QLoRA)", "l4q": "L4Q 4-bit (fp32 weight)"}  # fmt: skip
     for kind, label in labels.items():
         out = subprocess.run([sys.executable, __file__, *argv, "--speed-one", kind],
                              check=True, capture_output=True, text=True).stdout  # fmt: skip
