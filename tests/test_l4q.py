@@ -19,6 +19,7 @@ from rankwise.cli import main
 from rankwise.errors import RankwiseError
 from rankwise.fed.config import FedConfig
 from rankwise.models import load_model
+from rankwise.quantize import weight_report
 from rankwise.quantize.l4q import IntKLinear, L4QExport, export_l4q
 from rankwise.quantize.storage import WEIGHTS
 
@@ -139,7 +140,9 @@ def test_export_has_no_lora_and_the_same_logits(arch, tmp_path):
         export_l4q(model)
         exported = model(tokens).logits
     assert not expert_layers(model)
-    assert any(isinstance(m, IntKLinear) for m in model.modules())
+    layers = [m for m in model.modules() if isinstance(m, IntKLinear)]
+    assert layers and all(m.scale.dtype == m.offset.dtype == torch.float16 for m in layers)
+    assert weight_report(model).bits_per_quantized_weight == 4 + 32 / 16  # codes, half step, offset
     assert torch.allclose(exported, trained, atol=1e-5)
 
 

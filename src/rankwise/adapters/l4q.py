@@ -11,15 +11,17 @@ the merged weight *is* the quantised matrix: ``merge`` writes Q(W + s B A) into 
 the export (``rankwise quantize --method l4q``) stores its integer codes and (a, c): no LoRA
 branch at inference.
 
-Choices the paper leaves open, made here: a and c start from each group's min and max of W
-(a0 = (max - min) / (2^k - 1), c0 = min), so the first forward is W's round-to-nearest
-quantisation; they train as a = a0 (1 + gain), c = c0 + a0 shift with gain and shift from 0,
-so that Adam (which moves every parameter by about the learning rate) moves each group's grid
-by a share of its own step at the LoRA's learning rate, where a raw step of 0.01 would lose
-10% a step at lr 1e-3 (this stands in for LSQ's gradient scale 1/sqrt(N Q_p), made for SGD);
-the training forward is one autograd function (``QuantizedLowRank``) that keeps only x, W, A, B
-and the grid and forms Q(W + s B A) again in its backward, as the paper's memory-saving backward
-does, where autograd through the quantiser would hold four [out, in] tensors per layer until the
+Choices the paper leaves open, made here: a and c start from each group's min and max of W (a0 =
+(max - min) / (2^k - 1), c0 = min), so the first forward is W's round-to-nearest quantisation;
+they train as a = a0 (1 + gain), c = c0 + a0 shift with gain and shift from 0, so that Adam
+(which moves every parameter by about the learning rate) moves each group's grid by a share of
+its own step at the LoRA's learning rate, where a raw step of 0.01 would lose 10% a step at lr
+1e-3 (this stands in for LSQ's gradient scale 1/sqrt(N Q_p), made for SGD); a and c are float16
+values throughout training (rounded straight through), as the export stores them (K + 32/group
+bits a weight, as integer formats with half-precision scales do), so the export is exact; the
+training forward is one autograd function (``QuantizedLowRank``) that keeps only x, W, A, B and
+the grid and forms Q(W + s B A) again in its backward, as the paper's memory-saving backward
+does, where autograd through the quantiser would hold three [out, in] tensors per layer until the
 backward; it replaces the base's product (``replaces_base``). Dropout on the adapter's input
 cannot act on a merged weight, so it is refused.
 """
@@ -37,6 +39,13 @@ from rankwise.adapters.layer import LowRankExperts
 from rankwise.adapters.policy import POLICY_STATE, Policy
 from rankwise.architectures import QuantizedLinear, dense_weight
 from rankwise.errors import RankwiseError
+
+HALF_TINY = torch.finfo(torch.float16).tiny  # the least step float16 holds at full precision
+
+
+def to_half_grid(value: torch.Tensor) -> torch.Tensor:
+    """``value`` rounded to float16's values (kept in its dtype), gradients straight through."""
+    return value + (value.to(torch.float16).to(value.dtype) - value).detach()
 
 
 def on_grid(
@@ -113,7 +122,7 @@ class L4Q(Policy):
         self.bits = bits
         # the layer's factors, unregistered here, so that ``state`` restores them on resume
         self.factors = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
-        step = ((high - low) / (2**bits - 1)).clamp_min(1e-8)  # (out, groups)
+        step = ((high - low) / (2**bits - 1)).clamp_min(HALF_TINY)  # (out, groups)
         self.register_buffer("initial_step", step, persistent=False)  # saved by ``state``
         self.register_buffer("initial_offset", low.clone(), persistent=False)
         # a = a0 (1 + gain), c = c0 + a0 shift: Adam moves each group by a share of its step
@@ -131,9 +140,12 @@ class L4Q(Policy):
         return {**self.factors, **self.adapter_params(), **grid, **width}
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(step a, offset c) of every group, (out, groups) each, differentiable."""
-        step = self.initial_step * (1 + self.gain).clamp_min(1e-3)
-        return step, self.initial_offset + self.initial_step * self.shift
+        """(step a, offset c) of every group, (out, groups) each, differentiable, and float16
+        values (the export stores them so) with a straight-through gradient."""
+        step = (self.initial_step * (1 + self.gain).clamp_min(1e-3)).clamp_min(HALF_TINY)
+        return to_half_grid(step), to_half_grid(
+            self.initial_offset + self.initial_step * self.shift
+        )
 
     @torch.no_grad()
     def quantized_weight(self, layer: LowRankExperts) -> torch.Tensor:

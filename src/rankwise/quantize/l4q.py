@@ -1,10 +1,10 @@
 """L4Q's export (arXiv 2402.04902): a trained L4Q adapter folded into linearly quantised layers.
 
-Training (``rankwise train --l4q-bits K``, the policy in ``adapters/l4q.py``) computes with
-Q(W + s B A) on a grid offset + step * {0 .. 2^K - 1} per group; here that matrix is stored as
-what it is: K-bit integer codes (packed as NF-k's are) and the float32 step and offset of each
-group, in ``IntKLinear``. The model written has no LoRA branch and gives the trained model's
-logits (a test).
+Training (``rankwise train --l4q-bits K``, the policy in ``adapters/l4q.py``) computes with Q(W
++ s B A) on a grid offset + step * {0 .. 2^K - 1} per group; here that matrix is stored as what
+it is: K-bit integer codes (packed as NF-k's are) and the float16 step and offset of each group
+(training rounds them to float16 too), in ``IntKLinear``. The model written has no LoRA branch
+and gives the trained model's logits (a test).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from rankwise.quantize.nfk import pack, unpack
 
 
 class IntKLinear(QuantizedLinear):
-    """A frozen linear map stored as K-bit codes with a float32 step and offset per group."""
+    """A frozen linear map stored as K-bit codes with a float16 step and offset per group."""
 
     def __init__(
         self,
@@ -46,14 +46,16 @@ class IntKLinear(QuantizedLinear):
         groups = in_features // group
         packed = out_features * in_features * bits // 8
         self.register_buffer("weight", torch.zeros(packed, dtype=torch.uint8, device=device))
-        self.register_buffer("scale", torch.zeros(out_features, groups, device=device))
-        self.register_buffer("offset", torch.zeros(out_features, groups, device=device))
+        half = {"dtype": torch.float16, "device": device}
+        self.register_buffer("scale", torch.zeros(out_features, groups, **half))
+        self.register_buffer("offset", torch.zeros(out_features, groups, **half))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), False) if bias else None
 
     def dequantized(self) -> torch.Tensor:
         count = self.out_features * self.in_features
         codes = unpack(self.weight, self.bits, count).view(self.out_features, -1, self.block)
-        values = codes * self.scale[..., None] + self.offset[..., None]  # (out, groups, group)
+        scale, offset = self.scale.float()[..., None], self.offset.float()[..., None]
+        values = codes * scale + offset  # (out, groups, group), in float32 as training formed it
         return values.view(self.out_features, self.in_features)
 
     def storage_bytes(self) -> int:
