@@ -1,7 +1,7 @@
 """Quantised bases on the embedded model: perplexity with and without low-rank parts; speed.
 
-    python bench/quantize.py [--quick] [--eval-tokens 2048] [--rank 16 --iters 5]
-        [--samples 32 --seq-len 256] [--batch 4 --tokens 256 --steps 10]
+    python bench/quantize.py [--quick] [--parts quality finetune speed] [--eval-tokens 2048]
+        [--rank 16 --iters 5] [--samples 32 --seq-len 256] [--batch 4 --tokens 256 --steps 10]
         [--lq-budgets 2.5 3 3.5] [--task reverse_words --ft-steps 100 --ft-lr 1e-3]
 
 Perplexity (corpus test split, no fine-tuning): the dense model; NF4/NF3/NF2 (rankwise's NF-k,
@@ -18,8 +18,9 @@ Speed: one training step of r16 all-linear LoRA at ``--batch`` x ``--tokens`` on
 (``--dense-dtype``), on rankwise's bitsandbytes-NF4 base computing in that dtype (QLoRA's
 setting), with PEFT's QLoRA on the same NF4 base, and L4Q 4-bit training on the fp32 weight;
 each in its own process so its peak RSS is its own. ``--quick`` shrinks everything to
-check the script in a few minutes (its numbers mean nothing). Writes the tables into
-docs/benchmarks.md (section "quantization") unless --quick.
+check the script in a few minutes (its numbers mean nothing). ``--parts`` picks the tables;
+each writes its own section of docs/benchmarks.md ("quantization", "quantization-finetune",
+"quantization-speed") unless --quick.
 """
 
 from __future__ import annotations
@@ -271,9 +272,14 @@ def model_rss(result: dict) -> float:
     return result["peak_rss_mb"] - result["runtime_rss_mb"]
 
 
+PARTS = ["quality", "finetune", "speed"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
+                        help="tables to measure; each rewrites its own section")  # fmt: skip
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5)
@@ -306,44 +312,48 @@ def main() -> None:
         print(json.dumps(speed_one(args.speed_one, args)))
         return
     argv = [a for a in argv if a != "--quick"] + (["--quick"] if args.quick else [])
-    quality = quality_rows(args)
-    tuned = finetune_rows(args)
-    speed = speed_rows(args, argv)
-    body = (
-        "## Quantised bases (`bench/quantize.py`)\n\n"
-        f"Machine: {machine()}. Model: SmolLM2-135M-Instruct. Perplexity: first "
-        f"{args.eval_tokens} tokens of the corpus test split, window {args.window}, no "
-        f"fine-tuning; NF-k block 64 with int8 double quantisation; calibration {args.samples} x "
-        f"{args.seq_len} tokens of the corpus train split.\n\n"
-        + markdown_table(["base", "perplexity", "bits/quantised weight", "low-rank part"], quality)
-        + f"\n\nFine-tuning: task {args.task}, {args.ft_steps} steps, r16 α32 all-linear, batch 8, "
-        f"lr {args.ft_lr:g}, exact match on {args.test_examples} test prompts (greedy); L4Q "
-        "rows are scored after export (codes and one step and offset per group of 64: no LoRA "
-        "branch); the LoftQ row trains from `rankwise quantize --method loftq` with "
-        "`--init-adapter`, its NF3 base frozen.\n\n"
-        + markdown_table(["configuration", "exact match", "bits/weight (quantised, or all)"], tuned)
-        + f"\n\nTraining step, r16 all-linear LoRA, batch {args.batch} x {args.tokens}, median "
-        f"of {args.steps} steps after the first; each row its own process; peak RSS (VmHWM) while "
-        "loading, then reset and measured over the training steps; the libraries' RSS "
-        "(torch, transformers, bitsandbytes, PEFT) is measured before any model loads, and the "
-        "memory ratio is over what training holds beyond it.\n\n"
-        + markdown_table(
-            [
-                "configuration",
-                "weights MiB",
-                "peak RSS loading MiB",
-                "peak RSS training MiB",
-                "tokens/s",
-                "RSS of libraries MiB",
-                "(training − libraries) x dense",
-                "tokens/s x dense",
-            ],
-            speed,
-        )  # fmt: skip
-    )
-    print(body)
-    if not args.quick:
-        write_section("quantization", body)
+    setting = f"Machine: {machine()}. Model: SmolLM2-135M-Instruct."
+    sections = {}
+    if "quality" in args.parts:
+        sections["quantization"] = (
+            "## Quantised bases: perplexity (`bench/quantize.py --parts quality`)\n\n"
+            f"{setting} First {args.eval_tokens} tokens of the corpus test split, window "
+            f"{args.window}, no fine-tuning; NF-k block 64 with int8 double quantisation; "
+            f"calibration {args.samples} x {args.seq_len} tokens of the corpus train split.\n\n"
+            + markdown_table(
+                ["base", "perplexity", "bits/quantised weight", "low-rank part"], quality_rows(args)
+            )
+        )
+    if "finetune" in args.parts:
+        sections["quantization-finetune"] = (
+            "## Quantised bases: fine-tuning (`bench/quantize.py --parts finetune`)\n\n"
+            f"{setting} Task {args.task}, {args.ft_steps} steps, r16 α32 all-linear, batch 8, "
+            f"lr {args.ft_lr:g}, exact match on {args.test_examples} test prompts (greedy); L4Q "
+            "rows are scored after export (codes and a float16 step and offset per group of 64: "
+            "no LoRA branch); the LoftQ row trains from `rankwise quantize --method loftq` with "
+            "`--init-adapter`, its NF3 base frozen.\n\n"
+            + markdown_table(
+                ["configuration", "exact match", "bits/weight (quantised, or all)"],
+                finetune_rows(args),
+            )
+        )
+    if "speed" in args.parts:
+        columns = ["configuration", "weights MiB", "peak RSS loading MiB", "peak RSS training MiB",
+                   "tokens/s", "RSS of libraries MiB", "(training − libraries) x dense",
+                   "tokens/s x dense"]  # fmt: skip
+        sections["quantization-speed"] = (
+            "## Quantised bases: training step (`bench/quantize.py --parts speed`)\n\n"
+            f"{setting} r16 all-linear LoRA, batch {args.batch} x {args.tokens}, median of "
+            f"{args.steps} steps after the first; each row its own process; peak RSS (VmHWM) "
+            "while loading, then reset and measured over the training steps; the libraries' RSS "
+            "(torch, transformers, bitsandbytes, PEFT) is measured before any model loads, and "
+            "the memory ratio is over what training holds beyond it.\n\n"
+            + markdown_table(columns, speed_rows(args, argv))
+        )
+    for name, body in sections.items():
+        print(body)
+        if not args.quick:
+            write_section(name, body)
 
 
 if __name__ == "__main__":
