@@ -105,8 +105,22 @@ class Method:
     def aggregate(
         self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]
     ) -> GlobalState:
-        """The next global state from this round's updates (``weights`` sum to one)."""
-        raise NotImplementedError(f"{type(self).__name__} must define aggregate")
+        """The next global state from this round's updates (``weights`` sum to one): by default
+        each trained part is the clients' weighted mean and the frozen parts and folded pairs stay
+        (exact when one factor trains, as in FFA and Fed-SB; FedIT's inexact average when both)."""
+        return {
+            module: ModuleState(
+                {
+                    part: weighted_mean([u.parts[module][part] for u in updates], weights)
+                    if part in self.trains
+                    else kept
+                    for part, kept in ms.parts.items()
+                },
+                ms.scale,
+                list(ms.folded),
+            )
+            for module, ms in state.items()
+        }
 
     def restarts(self) -> bool:
         """Whether clients start each round from a fresh adapter on the folded base (FLoRA)."""

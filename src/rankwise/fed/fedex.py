@@ -12,31 +12,22 @@ from __future__ import annotations
 
 import torch
 
-from rankwise.fed.base import (
-    ClientUpdate,
-    GlobalState,
-    Method,
-    ModuleState,
-    same_ranks,
-    weighted_mean,
-)
+from rankwise.fed.base import ClientUpdate, GlobalState, ModuleState
+from rankwise.fed.fedit import FedIT
 
 
-class FedEx(Method):
+class FedEx(FedIT):
     name = "fedex"
     paper = "2410.09432"
     exact = True
-    trains = ("A", "B")
 
     def aggregate(
         self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]
     ) -> GlobalState:
-        same_ranks(updates, self.name)
+        averaged = super().aggregate(state, updates, weights)  # FedIT's B̄ and Ā
         new = {}
-        for module, ms in state.items():
-            a_mean = weighted_mean([u.parts[module]["A"] for u in updates], weights)
-            b_mean = weighted_mean([u.parts[module]["B"] for u in updates], weights)
-            s = ms.scale
+        for module, mean in averaged.items():
+            a_mean, b_mean, s = mean.parts["A"], mean.parts["B"], mean.scale
             residual_a = torch.cat([u.parts[module]["A"] for u in updates] + [a_mean])
             residual_b = torch.cat(
                 [
@@ -46,7 +37,5 @@ class FedEx(Method):
                 + [-s * b_mean],
                 dim=1,
             )
-            new[module] = ModuleState(
-                {"A": a_mean, "B": b_mean}, s, [*ms.folded, (residual_a, residual_b)]
-            )
+            new[module] = ModuleState(mean.parts, s, [*mean.folded, (residual_a, residual_b)])
         return new

@@ -7,14 +7,7 @@ aggregation error).
 
 from __future__ import annotations
 
-from rankwise.fed.base import (
-    ClientUpdate,
-    GlobalState,
-    Method,
-    ModuleState,
-    same_ranks,
-    weighted_mean,
-)
+from rankwise.fed.base import ClientUpdate, GlobalState, Method, same_ranks
 
 
 class FedIT(Method):
@@ -26,12 +19,6 @@ class FedIT(Method):
     def aggregate(
         self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]
     ) -> GlobalState:
+        """B and A averaged apart (the default rule), once the clients' ranks agree."""
         same_ranks(updates, self.name)
-        return {
-            module: ModuleState(
-                {p: weighted_mean([u.parts[module][p] for u in updates], weights) for p in "AB"},
-                ms.scale,
-                list(ms.folded),
-            )
-            for module, ms in state.items()
-        }
+        return super().aggregate(state, updates, weights)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rankwise.fed.base import ClientUpdate, GlobalState, Method, ModuleState, weighted_mean
+from rankwise.fed.base import GlobalState, Method, ModuleState, weighted_mean
 
 
 class FedSB(Method):
@@ -20,22 +20,6 @@ class FedSB(Method):
     paper = "2502.15436"
     exact = True
     trains = ("R",)
-
-    def aggregate(
-        self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]
-    ) -> GlobalState:
-        return {
-            module: ModuleState(
-                {
-                    "A": ms.parts["A"],
-                    "B": ms.parts["B"],
-                    "R": weighted_mean([u.parts[module]["R"] for u in updates], weights),
-                },
-                ms.scale,
-                list(ms.folded),
-            )
-            for module, ms in state.items()
-        }
 
     def downlink(self, state: GlobalState) -> dict[str, torch.Tensor]:
         """Only R after the initialisation round (B and A were sent once, by ``fedsb_init``)."""

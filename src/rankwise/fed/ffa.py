@@ -7,7 +7,7 @@ like any trained part; only B goes up, half of FedIT's uplink.
 
 from __future__ import annotations
 
-from rankwise.fed.base import ClientUpdate, GlobalState, Method, ModuleState, weighted_mean
+from rankwise.fed.base import Method
 
 
 class FFA(Method):
@@ -15,18 +15,3 @@ class FFA(Method):
     paper = "2403.12313"
     exact = True
     trains = ("B",)
-
-    def aggregate(
-        self, state: GlobalState, updates: list[ClientUpdate], weights: list[float]
-    ) -> GlobalState:
-        return {
-            module: ModuleState(
-                {
-                    "A": ms.parts["A"],
-                    "B": weighted_mean([u.parts[module]["B"] for u in updates], weights),
-                },
-                ms.scale,
-                list(ms.folded),
-            )
-            for module, ms in state.items()
-        }
