@@ -22,7 +22,6 @@ Writes docs/benchmarks.md, section "mixture-scaling" (not with ``--quick``).
 from __future__ import annotations
 
 import argparse
-import random
 import shlex
 import sys
 import tempfile
@@ -34,8 +33,7 @@ from common import machine, markdown_table, write_section  # noqa: E402
 from mixtures import decode_speeds  # noqa: E402
 
 from rankwise.adapters import LoraConfig, inject_adapter  # noqa: E402
-from rankwise.data.tasks import LETTERS, ORDINALS, TASKS, WORDS, Task, mixed  # noqa: E402
-from rankwise.data.tasks import number_in_words as words_of  # noqa: E402
+from rankwise.data.tasks import LONGER, TASKS, mixed  # noqa: E402
 from rankwise.evaluate.accuracy import exact_match  # noqa: E402
 from rankwise.mixture import MixConfig, build_mixture, train_mixture  # noqa: E402
 from rankwise.mixture.inspect import inspect_mixture  # noqa: E402
@@ -46,47 +44,8 @@ ALL = {"target_modules": "all-linear"}
 FLYLORA = {"router": "flylora", "rank": 32, "lora_alpha": 64.0, "top_k": 8, "bias_rate": 1e-3}
 
 
-def _reverse(rng: random.Random) -> tuple[str, str]:
-    words = rng.sample(WORDS, rng.randint(7, 8))
-    return f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words))
-
-
-def _sort(rng: random.Random) -> tuple[str, str]:
-    numbers = rng.sample(range(1, 100), 6)
-    prompt = f"Sort these numbers from smallest to largest: {' '.join(map(str, numbers))}"
-    return prompt, " ".join(map(str, sorted(numbers)))
-
-
-def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(1000, 9999), rng.randint(1000, 9999)
-    return f"What is {a} + {b}? Answer with the number only.", str(a + b)
-
-
-def _spell(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(10000, 99999)
-    return f"Write the number {n} in English words.", words_of(n)
-
-
-def _pick(rng: random.Random) -> tuple[str, str]:
-    words, k = rng.sample(WORDS, 8), rng.randrange(len(ORDINALS))
-    return f"Which word is {ORDINALS[k]} in this list: {' '.join(words)}", words[k]
-
-
-def _shift(rng: random.Random) -> tuple[str, str]:
-    letters = rng.choices(LETTERS, k=rng.randint(6, 7))
-    shifted = [LETTERS[(LETTERS.index(c) + 1) % 26] for c in letters]
-    instruction = "Replace each letter with the next one in the alphabet (z becomes a)"
-    return f"{instruction}: {' '.join(letters)}", " ".join(shifted)
-
-
-# The same skills and wordings as the built-in tasks (rankwise.data.tasks), longer inputs only.
-LONGER = dict(zip(TASKS, (_reverse, _sort, _add, _spell, _pick, _shift), strict=True))
-
-
 def longer_set(n: int) -> list[dict]:
-    return [
-        {**r, "task": name} for name, gen in LONGER.items() for r in Task(name, gen).test_set(n)
-    ]
+    return [{**r, "task": name} for name, task in LONGER.items() for r in task.test_set(n)]
 
 
 def em(model, tokenizer, records: list[dict]) -> dict[str, float]:

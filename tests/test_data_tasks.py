@@ -6,7 +6,7 @@ import pytest
 
 from rankwise.data import SPLITS, TASKS, get_task, mixed, python_docs
 from rankwise.data.splits import split_of
-from rankwise.data.tasks import number_in_words
+from rankwise.data.tasks import LONGER, number_in_words
 from rankwise.errors import RankwiseError
 
 
@@ -93,6 +93,21 @@ def test_get_task_and_mixed():
     assert {r["task"] for r in mixed(n_per_task=1)} == set(TASKS)
     with pytest.raises(RankwiseError, match="Unknown split"):
         get_task("add_numbers").records("dev", 1)
+
+
+def test_longer_inputs_are_the_same_skills_with_longer_prompts_and_answers():
+    assert set(LONGER) == set(TASKS)
+    for name, task in LONGER.items():
+        longer, usual = task.test_set(20), TASKS[name].test_set(20)
+        assert not {r["prompt"] for r in longer} & {r["prompt"] for r in usual}
+        for key in ("prompt", "completion"):
+            if name != "pick_word" or key == "prompt":  # the word picked is as long as ever
+                mean = {
+                    s: sum(len(r[key]) for r in rs) / 20 for s, rs in (("l", longer), ("u", usual))
+                }
+                assert mean["l"] > mean["u"], (name, key)
+        common = {r["prompt"].split(":")[0].split(" ")[0] for r in usual}
+        assert common == {r["prompt"].split(":")[0].split(" ")[0] for r in longer}  # same wording
 
 
 def test_at_least_six_tasks():

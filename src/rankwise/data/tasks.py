@@ -10,6 +10,7 @@ and sizes. Test and validation sets also hold no repeated prompt; training sets 
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from rankwise.data.splits import check_split, split_of
 from rankwise.errors import RankwiseError
@@ -86,35 +87,35 @@ def number_in_words(n: int) -> str:
     return f"{head} {number_in_words(rest)}" if rest else head
 
 
-def _reverse_words(rng: random.Random) -> tuple[str, str]:
-    words = rng.sample(WORDS, rng.randint(4, 6))
+def _reverse_words(rng: random.Random, count: tuple[int, int] = (4, 6)) -> tuple[str, str]:
+    words = rng.sample(WORDS, rng.randint(*count))
     return f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words))
 
 
-def _sort_numbers(rng: random.Random) -> tuple[str, str]:
-    numbers = rng.sample(range(1, 100), 4)
+def _sort_numbers(rng: random.Random, count: int = 4) -> tuple[str, str]:
+    numbers = rng.sample(range(1, 100), count)
     prompt = f"Sort these numbers from smallest to largest: {' '.join(map(str, numbers))}"
     return prompt, " ".join(map(str, sorted(numbers)))
 
 
-def _add_numbers(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(100, 999), rng.randint(100, 999)
+def _add_numbers(rng: random.Random, low: int = 100, high: int = 999) -> tuple[str, str]:
+    a, b = rng.randint(low, high), rng.randint(low, high)
     return f"What is {a} + {b}? Answer with the number only.", str(a + b)
 
 
-def _spell_number(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(1, 9999)
+def _spell_number(rng: random.Random, low: int = 1, high: int = 9999) -> tuple[str, str]:
+    n = rng.randint(low, high)
     return f"Write the number {n} in English words.", number_in_words(n)
 
 
-def _pick_word(rng: random.Random) -> tuple[str, str]:
-    words = rng.sample(WORDS, 6)
-    k = rng.randrange(6)
+def _pick_word(rng: random.Random, count: int = 6) -> tuple[str, str]:
+    words = rng.sample(WORDS, count)
+    k = rng.randrange(len(ORDINALS))  # one of the first six, however long the list
     return f"Which word is {ORDINALS[k]} in this list: {' '.join(words)}", words[k]
 
 
-def _shift_letters(rng: random.Random) -> tuple[str, str]:
-    letters = rng.choices(LETTERS, k=rng.randint(3, 5))
+def _shift_letters(rng: random.Random, count: tuple[int, int] = (3, 5)) -> tuple[str, str]:
+    letters = rng.choices(LETTERS, k=rng.randint(*count))
     shifted = [LETTERS[(LETTERS.index(c) + 1) % 26] for c in letters]
     instruction = "Replace each letter with the next one in the alphabet (z becomes a)"
     return f"{instruction}: {' '.join(letters)}", " ".join(shifted)
@@ -130,6 +131,22 @@ TASKS: dict[str, Task] = {
         Task("pick_word", _pick_word),
         Task("shift_letters", _shift_letters),
     )
+}
+
+
+# The same skills and wordings with longer inputs: a family held out of training, to measure
+# generalisation (bench/mixture_scaling.py). Same names, so the same seeds, as the tasks above.
+LONGER_INPUTS: dict[str, dict] = {
+    "reverse_words": {"count": (7, 8)},
+    "sort_numbers": {"count": 6},
+    "add_numbers": {"low": 1000, "high": 9999},
+    "spell_number": {"low": 10000, "high": 99999},
+    "pick_word": {"count": 8},
+    "shift_letters": {"count": (6, 7)},
+}
+LONGER: dict[str, Task] = {
+    name: Task(name, partial(TASKS[name].generate, **sizes))
+    for name, sizes in LONGER_INPUTS.items()
 }
 
 
