@@ -1,7 +1,8 @@
 """Adapter variants and initialisations on the embedded model: the same run, one change each.
 
     python bench/inits.py [--tasks reverse_words,add_numbers] [--steps 300] [--at 50,100,300]
-                          [--lrs 1e-4,3e-4,1e-3] [--quick]
+                          [--lrs 1e-4,3e-4,1e-3] [--seeds 0,1,2] [--only A,B]
+                          [--section inits] [--quick]
 
 Each variant trains a rank-16 all-linear adapter on each task with the same data, batches and
 steps (fp32, so no variant pays for emulated bf16) at every learning rate of the sweep; the rate
@@ -55,9 +56,10 @@ PEFT_VARIANTS = {
 }
 
 
-def settings(task: str, steps: int, lr: float, out: str, at: list[int]) -> dict:
+def settings(task: str, steps: int, lr: float, out: str, at: list[int], seed: int) -> dict:
     """The training keys every variant shares; checkpoints at the step counts of ``at``."""
     return dict(
+        seed=seed,
         data=f"task:{task}",
         output_dir=out,
         max_steps=steps,
@@ -79,10 +81,12 @@ def accuracy(model, tokenizer, test: list[dict]) -> float:
     return exact_match(model, tokenizer, test)["all"]["accuracy"]
 
 
-def run(task: str, steps: int, lr: float, at: list[int], test: list[dict], variant: dict) -> dict:
+def run(
+    task: str, steps: int, lr: float, at: list[int], test: list[dict], variant: dict, seed: int
+) -> dict:
     """One rankwise variant at one learning rate: val loss, exact match at ``at``, size, speed."""
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig.from_mapping({**settings(task, steps, lr, out, at), **variant})
+        config = TrainConfig.from_mapping({**settings(task, steps, lr, out, at, seed), **variant})
         result = train(config)
         matches = {}
         for folder in list_checkpoints(Path(out)):
@@ -100,7 +104,7 @@ def run(task: str, steps: int, lr: float, at: list[int], test: list[dict], varia
 
 
 def run_peft(
-    task: str, steps: int, lr: float, at: list[int], test: list[dict], variant: dict
+    task: str, steps: int, lr: float, at: list[int], test: list[dict], variant: dict, seed: int
 ) -> dict:
     """PEFT's variant at one learning rate, under rankwise's loop, measured the same way."""
     from peft import LoraConfig
@@ -110,7 +114,7 @@ def run_peft(
     from rankwise.train.loss import validation_loss
 
     loaded = load_model(dtype="float32")
-    config = TrainConfig.from_mapping(settings(task, steps, lr, "unused", at))
+    config = TrainConfig.from_mapping(settings(task, steps, lr, "unused", at, seed))
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", **variant)
     matches = {}
 
@@ -130,6 +134,22 @@ def run_peft(
     }
 
 
+def over_seeds(trainer, task, steps, lr, at, test, variant, seeds: list[int]) -> dict:
+    """``trainer``'s result at every seed: the mean validation loss and exact match, and each
+    step count's lowest and highest exact match over the seeds."""
+    runs = [trainer(task, steps, lr, at, test, variant, seed) for seed in seeds]
+    steps_scored = runs[0]["matches"]
+    return {
+        "lr": lr,
+        "val": statistics.mean(r["val"] for r in runs),
+        "matches": {n: statistics.mean(r["matches"][n] for r in runs) for n in steps_scored},
+        "lowest": {n: min(r["matches"][n] for r in runs) for n in steps_scored},
+        "highest": {n: max(r["matches"][n] for r in runs) for n in steps_scored},
+        "trainable": runs[0]["trainable"],
+        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="reverse_words,add_numbers")
@@ -138,12 +158,15 @@ def main() -> None:
     parser.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="the learning-rate sweep")
     parser.add_argument("--test-examples", type=int, default=50)
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    parser.add_argument("--seeds", default="0", help="seeds each run repeats with (mean shown)")
+    parser.add_argument("--section", default="inits", help="docs/benchmarks.md section to write")
     parser.add_argument("--quick", action="store_true", help="a few steps, to check the script")
     args = parser.parse_args()
     steps, tests = (4, 2) if args.quick else (args.steps, args.test_examples)
     at = [2, 4] if args.quick else [int(x) for x in args.at.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")][: 1 if args.quick else None]
     tasks = args.tasks.split(",")[: 1 if args.quick else None]
+    seeds = [int(x) for x in args.seeds.split(",")]
     every = {name: (run, v) for name, v in VARIANTS.items()}
     every |= {name: (run_peft, v) for name, v in PEFT_VARIANTS.items()}
     chosen = args.only.split(",") if args.only else list(every)
@@ -153,14 +176,19 @@ def main() -> None:
         best = []
         for task in tasks:
             test = get_task(task).test_set(tests)
-            runs = [trainer(task, steps, lr, at, test, variant) for lr in lrs]
+            runs = [over_seeds(trainer, task, steps, lr, at, test, variant, seeds) for lr in lrs]
             best.append(min(runs, key=lambda r: r["val"]))
         scores = [statistics.mean(b["matches"].get(n, float("nan")) for b in best) for n in at]
+        lows = [statistics.mean(b["lowest"].get(n, float("nan")) for b in best) for n in at]
+        highs = [statistics.mean(b["highest"].get(n, float("nan")) for b in best) for n in at]
         rows.append(
             [
                 name,
                 " / ".join(f"{b['lr']:g}" for b in best),
-                *(f"{score:.1%}" for score in scores),
+                *(
+                    f"{m:.1%}" + (f" ({lo:.0%}–{hi:.0%})" if len(seeds) > 1 else "")
+                    for m, lo, hi in zip(scores, lows, highs, strict=True)
+                ),
                 f"{best[0]['trainable']:,}",
                 f"{statistics.mean(b['tokens_per_s'] for b in best):.0f}",
             ]
@@ -175,15 +203,23 @@ def main() -> None:
         "trainable",
         "train tokens/s",
     ]
+    seeds_note = (
+        f" Each run repeats with seeds {args.seeds}: the mean, and in brackets the lowest and "
+        "highest seed."
+        if len(seeds) > 1
+        else ""
+    )
     write_section(
-        "inits",
-        f"## Adapter variants and initialisations (`bench/inits.py`)\n\nMachine: {machine()}. "
+        args.section,
+        f"## Adapter variants and initialisations (`bench/inits.py`, {args.tasks})\n\n"
+        f"Machine: {machine()}. "
         f"Model: {DEFAULT_MODEL}, fp32, r=16 α=32 on all linear layers, tasks {args.tasks}, "
         f"{steps} steps, batch 8, learning rates {args.lrs} (the best final validation loss kept "
         f"per task), exact match (mean over the tasks) on {tests} test prompts after "
         f"{args.at} steps of the same run, greedy decoding. PEFT rows train PEFT's own "
-        f"implementation under the same loop. Reproduce: `python bench/inits.py --tasks "
-        f"{args.tasks} --steps {steps} --at {args.at} --lrs {args.lrs}`."
+        f"implementation under the same loop.{seeds_note} Reproduce: `python bench/inits.py "
+        f"--tasks {args.tasks} --steps {steps} --at {args.at} --lrs {args.lrs} --seeds "
+        f"{args.seeds} --only '{args.only}' --section {args.section}`."
         f"\n\n{markdown_table(headers, rows)}",
     )
 
