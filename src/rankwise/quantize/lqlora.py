@@ -87,6 +87,24 @@ def squared_error(error: torch.Tensor, fisher: torch.Tensor | None) -> float:
     return float(squares.sum() if fisher is None else (fisher.double() * squares).sum())
 
 
+def low_rank_part(
+    residual: torch.Tensor, rank: int, scales: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of the residual: its rank-r SVD, Fisher-weighted when ``scales`` are given."""
+    return (
+        low_rank(residual, rank) if scales is None else weighted_low_rank(residual, rank, *scales)
+    )
+
+
+def first_factors(
+    weight: torch.Tensor, rank: int, fisher: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first alternation's (A, B), of W itself (Q starts at 0): the same in every (bits,
+    block), so the cost table forms it once per matrix."""
+    scales = None if fisher is None else fisher_scales(fisher.float())
+    return low_rank_part(weight.float(), rank, scales)
+
+
 def decompose(
     weight: torch.Tensor,
     bits: int,
@@ -94,18 +112,15 @@ def decompose(
     rank: int,
     iters: int,
     fisher: torch.Tensor | None = None,
+    first: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Decomposition:
-    """LQ-LoRA on one weight [out, in]: at most ``iters`` alternations, fewer if the error rises."""
+    """LQ-LoRA on one weight [out, in]: at most ``iters`` alternations, fewer if the error rises;
+    ``first`` is ``first_factors(weight, rank, fisher)`` if already formed."""
     weight = weight.float()
     scales = None if fisher is None else fisher_scales(fisher.float())
-    q = torch.zeros_like(weight)
+    a, b = first if first is not None else first_factors(weight, rank, fisher)
     kept, errors = None, []
-    for _ in range(iters):
-        residual = weight - q
-        if scales is None:
-            a, b = low_rank(residual, rank)
-        else:
-            a, b = weighted_low_rank(residual, rank, *scales)
+    for step in range(iters):
         state = quantize_weight(weight - b @ a, bits, block)
         q = dequantize_weight(state, bits, tuple(weight.shape))
         error = squared_error(weight - q - b @ a, fisher)
@@ -113,6 +128,8 @@ def decompose(
             break
         kept = (state, a, b)
         errors.append(error)
+        if step + 1 < iters:
+            a, b = low_rank_part(weight - q, rank, scales)
     return Decomposition(*kept, errors)
 
 
@@ -233,9 +250,14 @@ class LQLoRA(QuantizeMethod):
         costs = np.zeros((len(modules), len(configs)))
         storage = np.zeros_like(costs)
         cells = list(itertools.product(enumerate(modules.items()), enumerate(configs)))
+        first = {}
         for (i, (name, module)), (c, (bits, block)) in tqdm(cells, desc="lq-lora costs"):
             weight = dense_weight(module)
-            found = decompose(weight, bits, block, self.rank, self.iters, fisher.get(name))
+            if name not in first:  # one matrix's configurations are consecutive cells
+                first = {name: first_factors(weight, self.rank, fisher.get(name))}
+            found = decompose(
+                weight, bits, block, self.rank, self.iters, fisher.get(name), first[name]
+            )
             costs[i, c] = found.errors[-1]
             storage[i, c] = self.storage(module, bits, block)
         weights = sum(dense_weight(m).numel() for m in modules.values())
