@@ -45,6 +45,7 @@ from rankwise.compress import compress  # noqa: E402
 from rankwise.compress.calibration import calibration_data  # noqa: E402
 from rankwise.data import get_task  # noqa: E402
 from rankwise.data.corpus import python_docs  # noqa: E402
+from rankwise.errors import RankwiseError  # noqa: E402
 from rankwise.evaluate.accuracy import exact_match  # noqa: E402
 from rankwise.evaluate.perplexity import perplexity  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
@@ -95,8 +96,12 @@ def quality_rows(args) -> list[list[str]]:
         model = make(dense.tokenizer)
         if label != "NF3":  # NF3 alone is a row above
             rows.append(row(label, model))
-        result = compensate(model, dense.model, "eora", args.rank, 2.0 * args.rank,
-                            calib.input_ids)  # fmt: skip
+        try:
+            result = compensate(model, dense.model, "eora", args.rank, 2.0 * args.rank,
+                                calib.input_ids)  # fmt: skip
+        except RankwiseError as refused:  # A³ reshapes every layer: nothing to pair (a row)
+            rows.append([f"{label} + EoRA", "—", "—", f"refused: {refused}"])
+            continue
         attach_adapters(model, [result.adapter])
         rows.append(row(f"{label} + EoRA", model, f"r{args.rank}, {len(calib.input_ids)} seqs"))
     return rows
