@@ -60,13 +60,6 @@ def on_grid(
     return (codes * step[..., None] + offset[..., None]).view(weight.shape), place, codes
 
 
-def grid_codes(
-    weight: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, bits: int
-) -> torch.Tensor:
-    """The integer codes [out, in] (uint8) of ``weight`` on its grid."""
-    return on_grid(weight, step, offset, bits)[2].to(torch.uint8).view(weight.shape)
-
-
 class QuantizedLowRank(torch.autograd.Function):
     """y = x Q(W + B A)^T + bias with LSQ's gradients written out: rounding straight through,
     the clamp stopping them, so that no [out, in] tensor is kept between forward and backward
@@ -148,10 +141,16 @@ class L4Q(Policy):
         )
 
     @torch.no_grad()
-    def quantized_weight(self, layer: LowRankExperts) -> torch.Tensor:
-        """Q(W + s B A) [out, in] (training's forward forms it inside ``QuantizedLowRank``)."""
+    def quantization(self, layer: LowRankExperts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q(W + s B A) [out, in] and its integer codes (uint8, [out, in]); training's forward
+        forms Q inside ``QuantizedLowRank`` instead."""
         weight = dense_weight(layer.base).to(layer.lora_A.dtype)
-        return on_grid(weight + layer.delta_weight(), *self.grid(), self.bits)[0]
+        quantized, _, codes = on_grid(weight + layer.delta_weight(), *self.grid(), self.bits)
+        return quantized, codes.to(torch.uint8).view(quantized.shape)
+
+    def quantized_weight(self, layer: LowRankExperts) -> torch.Tensor:
+        """Q(W + s B A) [out, in]."""
+        return self.quantization(layer)[0]
 
     def forward(
         self,

@@ -18,7 +18,7 @@ from torch import nn
 
 from rankwise.adapters.attach import attach_adapters
 from rankwise.adapters.inject import expert_layers, swap_modules
-from rankwise.adapters.l4q import L4Q, grid_codes
+from rankwise.adapters.l4q import L4Q
 from rankwise.adapters.peft_format import read_adapter
 from rankwise.adapters.policy import POLICY_STATE
 from rankwise.architectures import QuantizedLinear
@@ -79,7 +79,7 @@ def export_l4q(model: nn.Module) -> list[str]:
         policy = layer.policy
         if not isinstance(policy, L4Q):
             raise RankwiseError(f"'{name}' is not adapted by L4Q: only L4Q layers export")
-        weight = policy.quantized_weight(layer)  # (out, in), exactly on the grid
+        weight, codes = policy.quantization(layer)  # (out, in), exactly on the grid
         out_features, in_features = weight.shape
         step, offset = policy.grid()
         group = in_features // step.shape[1]
@@ -87,7 +87,6 @@ def export_l4q(model: nn.Module) -> list[str]:
         made[name] = IntKLinear(
             in_features, out_features, policy.bits, group, bias is not None, weight.device
         )
-        codes = grid_codes(weight, step, offset, policy.bits)
         made[name].weight.copy_(pack(codes.flatten(), policy.bits))
         made[name].scale.copy_(step)
         made[name].offset.copy_(offset)

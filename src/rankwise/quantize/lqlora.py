@@ -249,17 +249,16 @@ class LQLoRA(QuantizeMethod):
         """Every matrix decomposed in every configuration: the ILP's errors and storage."""
         costs = np.zeros((len(modules), len(configs)))
         storage = np.zeros_like(costs)
-        cells = list(itertools.product(enumerate(modules.items()), enumerate(configs)))
-        first = {}
-        for (i, (name, module)), (c, (bits, block)) in tqdm(cells, desc="lq-lora costs"):
-            weight = dense_weight(module)
-            if name not in first:  # one matrix's configurations are consecutive cells
-                first = {name: first_factors(weight, self.rank, fisher.get(name))}
-            found = decompose(
-                weight, bits, block, self.rank, self.iters, fisher.get(name), first[name]
-            )
-            costs[i, c] = found.errors[-1]
-            storage[i, c] = self.storage(module, bits, block)
+        progress = tqdm(total=costs.size, desc="lq-lora costs")
+        for i, (name, module) in enumerate(modules.items()):
+            weight, weighting = dense_weight(module), fisher.get(name)
+            first = first_factors(weight, self.rank, weighting)  # shared by every configuration
+            for c, (bits, block) in enumerate(configs):
+                found = decompose(weight, bits, block, self.rank, self.iters, weighting, first)
+                costs[i, c] = found.errors[-1]
+                storage[i, c] = self.storage(module, bits, block)
+                progress.update()
+        progress.close()
         weights = sum(dense_weight(m).numel() for m in modules.values())
         return CostTable(list(modules), configs, costs, storage, weights)
 
