@@ -2,7 +2,7 @@
 hyperparameter chosen by line search on validation and scored once on test, PEFT alongside.
 
     python bench/merging.py --adapters DIR [--subsets pairs triples all] [--n 50] [--val 20]
-        [--multitask DIR] [--calib-samples 64] [--methods linear tsv ...]
+        [--multitask DIR] [--calib-samples 64] [--methods linear tsv ...] [--section merging]
     python bench/merging.py --quick   # two tasks, tiny adapters trained here: a smoke run
 
 DIR holds one PEFT adapter folder per built-in task, named after the task (rankwise.data.tasks);
@@ -15,7 +15,8 @@ adapter's; per subset the table gives its mean and its worst task. PEFT's ``add_
 (svd, ties_svd, dare_ties_svd, cat) is searched the same way; learned coefficients (``--learn``,
 on the tasks' training examples) have no grid. References: each task's own adapter (its exact
 match heads the table) and (``--multitask``) one LoRA trained on all tasks together (a row).
-Writes docs/benchmarks.md, section "merging" (not with --quick).
+Writes docs/benchmarks.md, section ``--section`` (default "merging"; not with --quick), so a
+reduced run (pairs with fewer methods) stands beside the full table instead of replacing it.
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
+    parser.add_argument("--section", default="merging", help="docs/benchmarks.md section")
     parser.add_argument("--quick", action="store_true", help="two tiny tasks: a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -269,7 +271,7 @@ def main() -> None:
                "worst task %", "output rank", "merge s"]  # fmt: skip
     ranks = sorted({a.rank(m) for a in adapters.values() for m in a.factors})
     body = (
-        "## Merging per-task adapters (`bench/merging.py`)\n\n"
+        f"## Merging per-task adapters (`bench/merging.py`, {'/'.join(args.subsets)})\n\n"
         f"Machine: {machine()}. Model: {loaded.name}, fp32. Adapters: {len(adapters)} per-task "
         f"LoRA adapters of rank {'/'.join(map(str, ranks))} from `{args.adapters}`. Own exact "
         f"match on test: {', '.join(f'{t} {100 * v:.0f}%' for t, v in own['test'].items())}. "
@@ -283,7 +285,7 @@ def main() -> None:
         + markdown_table(headers, rows)
     )
     if not args.quick:
-        write_section("merging", body)
+        write_section(args.section, body)
     print(body)
 
 

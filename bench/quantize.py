@@ -16,9 +16,12 @@ QLoRA's bitsandbytes NF4, on a LoftQ NF3 base from its low-rank part (``rankwise
 ``--init-adapter``), and L4Q 4- and 3-bit merged into one quantised matrix (no LoRA branch).
 Speed: one training step of r16 all-linear LoRA at ``--batch`` x ``--tokens`` on a dense base
 (``--dense-dtype``), on rankwise's bitsandbytes-NF4 base computing in that dtype (QLoRA's
-setting), with PEFT's QLoRA on the same NF4 base, and L4Q 4-bit training on the fp32 weight;
-each in its own process so its peak RSS is its own. ``--quick`` shrinks everything to
-check the script in a few minutes (its numbers mean nothing). ``--parts`` picks the tables;
+setting), with PEFT's QLoRA on the same NF4 base, on rankwise's NF3 (NF-k, LoftQ's 3-bit base),
+L4Q 4-bit training on the fp32 weight, and the
+dense and NF4 rows again with gradient checkpointing (QLoRA's recipe: activations, most of the
+memory at this batch, are recomputed in the backward, so the weights' share shows); each in
+its own process so its peak RSS is its own. ``--quick`` shrinks everything to check the script
+in a few minutes (its numbers mean nothing). ``--parts`` picks the tables;
 each writes its own section of docs/benchmarks.md ("quantization", "quantization-finetune",
 "quantization-speed") unless --quick.
 """
@@ -45,7 +48,6 @@ from rankwise.compress import compress  # noqa: E402
 from rankwise.compress.calibration import calibration_data  # noqa: E402
 from rankwise.data import get_task  # noqa: E402
 from rankwise.data.corpus import python_docs  # noqa: E402
-from rankwise.errors import RankwiseError  # noqa: E402
 from rankwise.evaluate.accuracy import exact_match  # noqa: E402
 from rankwise.evaluate.perplexity import perplexity  # noqa: E402
 from rankwise.models import load_model  # noqa: E402
@@ -96,14 +98,12 @@ def quality_rows(args) -> list[list[str]]:
         model = make(dense.tokenizer)
         if label != "NF3":  # NF3 alone is a row above
             rows.append(row(label, model))
-        try:
-            result = compensate(model, dense.model, "eora", args.rank, 2.0 * args.rank,
-                                calib.input_ids)  # fmt: skip
-        except RankwiseError as refused:  # A³ reshapes every layer: nothing to pair (a row)
-            rows.append([f"{label} + EoRA", "—", "—", f"refused: {refused}"])
-            continue
+        result = compensate(model, dense.model, "eora", args.rank, 2.0 * args.rank,
+                            calib.input_ids)  # fmt: skip
         attach_adapters(model, [result.adapter])
-        rows.append(row(f"{label} + EoRA", model, f"r{args.rank}, {len(calib.input_ids)} seqs"))
+        layers = len(result.adapter.factors)  # A³: o_proj and down_proj, by regression
+        extra = f"r{args.rank}, {len(calib.input_ids)} seqs, {layers} layers"
+        rows.append(row(f"{label} + EoRA", model, extra))
     return rows
 
 
@@ -219,9 +219,11 @@ def speed_one(kind: str, args) -> dict:
     reset_peak_rss()
     runtime = peak_rss_mb()  # the libraries alone, before any model: the same in every row
     # QLoRA's setting: NF4 storage, computed in the dense base's dtype (bf16)
-    quantize = "nf4" if kind in ("nf4", "peft") else None
+    quantize = "nf4" if kind in ("nf4", "nf4_ckpt", "peft") else None
     loaded = load_model(dtype="float32" if kind == "l4q" else args.dense_dtype, quantize=quantize)
     model = loaded.model
+    if kind == "nf3":  # rankwise's own NF-k (LoftQ's 3-bit base), dequantised in each pass
+        METHODS["nf3"]().quantize(model, 64)
     if kind == "peft":
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
@@ -231,6 +233,10 @@ def speed_one(kind: str, args) -> dict:
     else:  # L4Q trains from the fp32 weight (its grid is learnt on it)
         l4q = {"l4q_bits": 4, "l4q_group": 64} if kind == "l4q" else {}
         inject_adapter(model, LoraConfig(r=16, lora_alpha=32, **l4q))
+    if kind.endswith("_ckpt"):  # QLoRA's recipe recomputes activations in the backward
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     tokens = torch.randint(3, 40000, (args.batch, args.tokens), generator=torch.Generator())
@@ -257,7 +263,10 @@ def speed_one(kind: str, args) -> dict:
 def speed_rows(args, argv: list[str]) -> list[list[str]]:
     rows, results = [], {}
     labels = {"dense": f"dense {args.dense_dtype} + LoRA", "nf4": "NF4 + LoRA (rankwise QLoRA)",
-              "peft": "NF4 + LoRA (PEFT QLoRA)", "l4q": "L4Q 4-bit (fp32 weight)"}  # fmt: skip
+              "peft": "NF4 + LoRA (PEFT QLoRA)", "nf3": "NF3 (rankwise NF-k) + LoRA",
+              "l4q": "L4Q 4-bit (fp32 weight)",
+              "dense_ckpt": f"dense {args.dense_dtype} + LoRA, gradient checkpointing",
+              "nf4_ckpt": "NF4 + LoRA, gradient checkpointing (QLoRA's recipe)"}  # fmt: skip
     for kind, label in labels.items():
         out = subprocess.run([sys.executable, __file__, *argv, "--speed-one", kind],
                              check=True, capture_output=True, text=True).stdout  # fmt: skip
@@ -352,7 +361,8 @@ def main() -> None:
             f"{args.steps} steps after the first; each row its own process; peak RSS (VmHWM) "
             "while loading, then reset and measured over the training steps; the libraries' RSS "
             "(torch, transformers, bitsandbytes, PEFT) is measured before any model loads, and "
-            "the memory ratio is over what training holds beyond it.\n\n"
+            "both ratios are over the first row (no checkpointing), memory as what training "
+            "holds beyond the libraries.\n\n"
             + markdown_table(columns, speed_rows(args, argv))
         )
     for name, body in sections.items():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from rankwise.adapters import load_adapter
 from rankwise.cli import main
 from rankwise.compress.prune24 import prune_2_4
 from rankwise.models import load_model
+from rankwise.quantize.compensate import regressed_error
 from rankwise.quantize.eora import eora_factors, svd_factors, weighted_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,6 +57,23 @@ def test_2_4_pruning_keeps_the_two_largest_of_every_four():
     assert torch.equal(groups.abs().topk(2, dim=-1).values.sort(-1).values, kept)
 
 
+def test_regression_predicts_removed_channels_from_the_kept_ones():
+    # the removed inputs are a rank-3 mix of the kept ones: W_c + dW reproduces W exactly
+    generator = torch.Generator().manual_seed(5)
+    kept = torch.randn(400, 12, generator=generator, dtype=torch.float64)
+    mix = torch.randn(3, 12, generator=generator, dtype=torch.float64)
+    removed = (kept @ mix.T @ torch.randn(3, 5, generator=generator, dtype=torch.float64))
+    full = torch.cat([kept, removed], 1)  # x, (tokens, 17); x_c = its first 12 channels
+    weight = torch.randn(7, 17, generator=generator, dtype=torch.float64)
+    gram, cross = kept.T @ kept / 400, full.T @ kept / 400
+    delta = regressed_error(weight, weight[:, :12], cross, gram, damping=0.0).double()
+    assert torch.linalg.matrix_rank(delta, rtol=1e-5) == 3
+    close = {"rtol": 1e-5, "atol": 1e-5}  # the error is float32, like a layer's weight
+    torch.testing.assert_close((weight[:, :12] + delta) @ kept.T, weight @ full.T, **close)
+    a, b = eora_factors(delta, gram, 3)
+    torch.testing.assert_close((weight[:, :12] + b @ a) @ kept.T, weight @ full.T, **close)
+
+
 @pytest.mark.parametrize("compressed_by", ["quantize", "prune24"])
 def test_compensate_brings_a_compressed_model_closer_to_its_original(
     compressed_by, model_dir, tmp_path
@@ -75,6 +96,30 @@ def test_compensate_brings_a_compressed_model_closer_to_its_original(
         load_adapter(model, adapter)
         after = (model(tokens).logits - dense).norm()
     assert after < 0.8 * before
+
+
+def test_compensate_regresses_what_a3_removed_from_what_it_kept(model_dir, tmp_path, capsys):
+    # A³ narrows every layer: o_proj and down_proj are compensated by the regression, the
+    # layers whose outputs narrowed (q/k/v, gate/up) are skipped and counted
+    words = random.Random(0)
+    lines = [" ".join(f"w{words.randrange(125)}" for _ in range(16)) for _ in range(200)]
+    data = tmp_path / "words.jsonl"
+    data.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    calib = ["--calib", str(data), "--samples", "64", "--seq-len", "16"]
+    out, adapter = tmp_path / "a3", tmp_path / "eora"
+    compress = ["compress", "--method", "a3", "--ratio", "0.3", *calib]
+    assert main([*compress, "--model", str(model_dir), "-o", str(out)]) == 0
+    compensate = ["compensate", "--model", str(out), "--reference", str(model_dir), *calib]
+    assert main([*compensate, "--rank", "8", "-o", str(adapter)]) == 0
+    assert "eora rank 8 on 4 layers" in capsys.readouterr().out  # 2 layers × (o, down)
+    tokens = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = load_model(str(model_dir)).model(tokens).logits
+        model = load_model(str(out)).model
+        before = (model(tokens).logits - dense).norm()
+        load_adapter(model, adapter)
+        after = (model(tokens).logits - dense).norm()
+    assert after < 0.9 * before  # a random model's channels are barely predictable: 0.81
 
 
 def test_2_4_pruning_takes_only_half(model_dir, tmp_path, capsys):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +109,11 @@ def merge_needs(*needs: Mapping[str, set[str]]) -> dict[str, set[str]]:
     return merged
 
 
+def tokens_by_features(x: torch.Tensor) -> torch.Tensor:
+    """A module input as (tokens, features) in its device's accumulation dtype."""
+    return x.detach().reshape(-1, x.shape[-1]).to(accumulation_dtype(x.device))
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,
@@ -130,8 +135,7 @@ def collect_statistics(
 
     def hook_for(name: str, kinds: set[str]):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).to(accumulation_dtype(x.device))  # (N, in)
+            x = tokens_by_features(args[0])  # (N, in)
             if GRAM in kinds:
                 accumulate(GRAM, name, x.T @ x)
             if ABS_MEAN in kinds:
@@ -158,3 +162,65 @@ def collect_statistics(
     tokens = input_ids.numel()
     means = {kind: {n: s / tokens for n, s in sums[kind].items()} for kind in KINDS}
     return Statistics(tokens, means[GRAM], means[ABS_MEAN], means[SQ_MEAN], means[MEAN])
+
+
+@torch.no_grad()
+def cross_moments(
+    model: nn.Module,
+    reference: nn.Module,
+    input_ids: torch.Tensor,
+    names: Sequence[str],
+    *,
+    batch_size: int = 4,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (E[x_c x_cᵀ], E[x x_cᵀ])} for a compressed ``model`` and its original.
+
+    x_c is the input of ``model``'s module ``name``; x is the input of ``reference``'s module
+    of that name when the reference's block holding it (its parent: the attention, the MLP)
+    runs on exactly what the model's block receives. So both see the same hidden state, and x
+    differs from x_c only by what the compression did inside that block (A³'s removed channels
+    and heads), not by the error of the layers below. Only the model runs end to end.
+    """
+    held: dict[str, torch.Tensor] = {}
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def replay(parent: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            reference.get_submodule(parent)(*args, **kwargs)
+
+        return hook
+
+    def hold(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            held[name] = tokens_by_features(args[0])
+
+        return hook
+
+    def pair(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = tokens_by_features(args[0])
+            theirs = held.pop(name).to(x.device)
+            gram, cross = x.T @ x, theirs.T @ x
+            if name in sums:
+                gram, cross = sums[name][0] + gram, sums[name][1] + cross
+            sums[name] = (gram, cross)
+
+        return hook
+
+    parents = sorted({name.rpartition(".")[0] for name in names})
+    handles = [
+        model.get_submodule(p).register_forward_pre_hook(replay(p), with_kwargs=True)
+        for p in parents
+    ]
+    handles += [reference.get_submodule(n).register_forward_pre_hook(hold(n)) for n in names]
+    handles += [model.get_submodule(n).register_forward_pre_hook(pair(n)) for n in names]
+    device = next(model.parameters()).device
+    try:
+        batches = input_ids.split(batch_size)
+        for batch in tqdm(batches, desc="calibrate against the reference", unit="batch"):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = input_ids.numel()
+    return {name: (gram / tokens, cross / tokens) for name, (gram, cross) in sums.items()}

@@ -19,6 +19,7 @@ Codes are packed k bits at a time, most significant bit first, into bytes, so NF
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import nn
@@ -61,11 +62,20 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of ``pack``: ``count`` codes as int64 (for indexing the levels)."""
-    shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
-    planes = ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1, bits)[:count]  # (n, bits)
-    weights = 2 ** torch.arange(bits - 1, -1, -1, device=packed.device)
-    return (planes.long() * weights).sum(1)
+    """Inverse of ``pack``: ``count`` codes as int64 (for indexing the levels).
+
+    Every forward and backward of a quantised layer runs this, so it reads whole fields, not
+    bits: a word of bits/gcd(bits, 8) bytes (one byte for k = 2, 4, 8; three for NF3) holds
+    8/gcd(bits, 8) codes, cut out of the big-endian word by shifts.
+    """
+    common = math.gcd(bits, 8)
+    width, fields = bits // common, 8 // common
+    grouped = nn.functional.pad(packed, (0, -len(packed) % width)).view(-1, width).long()
+    word = grouped[:, 0]
+    for column in range(1, width):  # at most 7 bytes: the word fits int64 without its sign
+        word = (word << 8) | grouped[:, column]
+    shifts = bits * torch.arange(fields - 1, -1, -1, device=packed.device)
+    return ((word[:, None] >> shifts) & (2**bits - 1)).flatten()[:count]
 
 
 def quantize_absmax(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
