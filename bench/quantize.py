@@ -362,8 +362,7 @@ def main() -> None:
             "while loading, then reset and measured over the training steps; the libraries' RSS "
             "(torch, transformers, bitsandbytes, PEFT) is measured before any model loads, and "
             "both ratios are over the first row (no checkpointing), memory as what training "
-            "holds beyond the libraries.\n\n"
-            + markdown_table(columns, speed_rows(args, argv))
+            "holds beyond the libraries.\n\n" + markdown_table(columns, speed_rows(args, argv))
         )
     for name, body in sections.items():
         print(body)

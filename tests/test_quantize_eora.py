@@ -7,9 +7,11 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from rankwise.adapters import load_adapter
 from rankwise.cli import main
+from rankwise.compress.calibration import cross_moments
 from rankwise.compress.prune24 import prune_2_4
 from rankwise.models import load_model
 from rankwise.quantize.compensate import regressed_error
@@ -62,7 +64,7 @@ def test_regression_predicts_removed_channels_from_the_kept_ones():
     generator = torch.Generator().manual_seed(5)
     kept = torch.randn(400, 12, generator=generator, dtype=torch.float64)
     mix = torch.randn(3, 12, generator=generator, dtype=torch.float64)
-    removed = (kept @ mix.T @ torch.randn(3, 5, generator=generator, dtype=torch.float64))
+    removed = kept @ mix.T @ torch.randn(3, 5, generator=generator, dtype=torch.float64)
     full = torch.cat([kept, removed], 1)  # x, (tokens, 17); x_c = its first 12 channels
     weight = torch.randn(7, 17, generator=generator, dtype=torch.float64)
     gram, cross = kept.T @ kept / 400, full.T @ kept / 400
@@ -72,6 +74,21 @@ def test_regression_predicts_removed_channels_from_the_kept_ones():
     torch.testing.assert_close((weight[:, :12] + delta) @ kept.T, weight @ full.T, **close)
     a, b = eora_factors(delta, gram, 3)
     torch.testing.assert_close((weight[:, :12] + b @ a) @ kept.T, weight @ full.T, **close)
+
+
+def test_cross_moments_replay_each_block_on_the_compressed_models_hidden_state(tokens):
+    # the reference differs only in layer 0's MLP: layer 1 sees the model's own hidden state,
+    # so its reference inputs equal the model's (a run of the reference alone would differ)
+    model = tiny_llama()
+    reference = tiny_llama()
+    with torch.no_grad():
+        reference.model.layers[0].mlp.up_proj.weight.mul_(3.0)
+    names = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    moments = cross_moments(model, reference, tokens, names)
+    gram, cross = moments[names[1]]
+    torch.testing.assert_close(cross, gram)
+    gram, cross = moments[names[0]]
+    torch.testing.assert_close(cross, 3.0 * gram)  # up_proj scales the MLP's hidden units
 
 
 @pytest.mark.parametrize("compressed_by", ["quantize", "prune24"])
