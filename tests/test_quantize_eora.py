@@ -91,6 +91,17 @@ def test_cross_moments_replay_each_block_on_the_compressed_models_hidden_state(t
     torch.testing.assert_close(cross, 3.0 * gram)  # up_proj scales the MLP's hidden units
 
 
+def logits_error_without_and_with(adapter, compressed, reference, shape):
+    """The compressed model's logits error against the reference, before and after the adapter."""
+    tokens = torch.randint(3, 128, shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = load_model(str(reference)).model(tokens).logits
+        model = load_model(str(compressed)).model
+        before = (model(tokens).logits - dense).norm()
+        load_adapter(model, adapter)
+        return before, (model(tokens).logits - dense).norm()
+
+
 @pytest.mark.parametrize("compressed_by", ["quantize", "prune24"])
 def test_compensate_brings_a_compressed_model_closer_to_its_original(
     compressed_by, model_dir, tmp_path
@@ -105,13 +116,7 @@ def test_compensate_brings_a_compressed_model_closer_to_its_original(
     calib = ["--calib", "task:reverse_words", "--samples", "4", "--seq-len", "16"]
     compensate = ["compensate", "--model", str(out), "--reference", str(model_dir), *calib]
     assert main([*compensate, "--rank", "8", "-o", str(adapter)]) == 0
-    tokens = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        dense = load_model(str(model_dir)).model(tokens).logits
-        model = load_model(str(out)).model
-        before = (model(tokens).logits - dense).norm()
-        load_adapter(model, adapter)
-        after = (model(tokens).logits - dense).norm()
+    before, after = logits_error_without_and_with(adapter, out, model_dir, shape=(2, 12))
     assert after < 0.8 * before
 
 
@@ -129,13 +134,7 @@ def test_compensate_regresses_what_a3_removed_from_what_it_kept(model_dir, tmp_p
     compensate = ["compensate", "--model", str(out), "--reference", str(model_dir), *calib]
     assert main([*compensate, "--rank", "8", "-o", str(adapter)]) == 0
     assert "eora rank 8 on 4 layers" in capsys.readouterr().out  # 2 layers × (o, down)
-    tokens = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        dense = load_model(str(model_dir)).model(tokens).logits
-        model = load_model(str(out)).model
-        before = (model(tokens).logits - dense).norm()
-        load_adapter(model, adapter)
-        after = (model(tokens).logits - dense).norm()
+    before, after = logits_error_without_and_with(adapter, out, model_dir, shape=(8, 16))
     assert after < 0.9 * before  # a random model's channels are barely predictable: 0.81
 
 
